@@ -1,0 +1,27 @@
+# `make demo` and `make test` set everything up on a fresh machine: a .venv from this project's files.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dtop-installed
+# torch/torchvision are pinned as a pair that imports together (the CPU-only torch 2.13.0 wheel
+# does not import beside PyPI's torchvision); override with `make TORCH_PKGS=... test`.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dtop demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

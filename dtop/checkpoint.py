@@ -1,0 +1,75 @@
+"""Reading weight files safely and loading them with errors that list what does not match."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
+_MAX_LISTED = 12
+
+
+def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
+
+    A nested ``state_dict``/``model`` entry is unwrapped and a ``module.`` prefix (DDP) stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"refusing to load {path}: it needs arbitrary unpickling, which can run code "
+                f"(torch.load weights_only=True failed: {str(e).splitlines()[0]}). Re-save it as a plain "
+                f"state dict of tensors or as .safetensors.") from e
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """``module.load_state_dict(state, strict=True)`` with an error listing missing, unexpected
+    and wrongly shaped keys, raised before any weight is copied."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)

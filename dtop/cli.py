@@ -1,0 +1,94 @@
+"""The ``dtop`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from .errors import DToPError
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from .models import get_config, list_models
+
+    for name in list_models():
+        cfg = get_config(name)
+        stages = ", ".join(f"{s.head}@{s.block}" for s in cfg.stages)
+        print(f"{name:20s} {cfg.backbone:24s} cls={cfg.cls_mode:9s} p0={cfg.p0} stages: {stages}")
+
+
+def _cmd_flops(args: argparse.Namespace) -> None:
+    from .flops import preset_gflops
+
+    g = preset_gflops(args.name, tuple(args.size), args.num_classes, args.final_head_only, aux_head=args.aux_head)
+    result = {"model": args.name, "size": list(args.size), "num_classes": args.num_classes,
+              "final_head_only": args.final_head_only, "gflops": round(g, 4)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        heads = "final head only" if args.final_head_only else "all stage heads"
+        print(f"{args.name} at {args.size[0]}x{args.size[1]}, {args.num_classes} classes, {heads}: "
+              f"{g:.2f} GFLOPs (dense)")
+
+
+def paper_table_rows() -> list[dict]:
+    from .flops import PAPER_TABLE, preset_gflops
+
+    rows = []
+    for name, crop, k, fho, ref in PAPER_TABLE:
+        g = preset_gflops(name, (crop, crop), k, fho)
+        rows.append({"model": name, "crop": crop, "num_classes": k, "final_head_only": fho,
+                     "gflops": round(g, 2), "paper": ref, "diff_pct": round(100 * (g - ref) / ref, 2)})
+    return rows
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    rows = paper_table_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print("Dense GFLOPs of the paper's models (analytic count, fvcore convention), vs DESIGN.md section 4\n")
+    print(f"| {'model':18s} | heads counted   | crop | classes | GFLOPs | paper | diff   |")
+    print(f"|{'-' * 20}|-----------------|------|---------|--------|-------|--------|")
+    for r in rows:
+        heads = "final head only" if r["final_head_only"] else "all 3 ATM heads"
+        print(f"| {r['model']:18s} | {heads} | {r['crop']:4d} | {r['num_classes']:7d} | {r['gflops']:6.1f} |"
+              f" {r['paper']:5.1f} | {r['diff_pct']:+5.2f}% |")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtop", description="Dynamic token pruning for plain-ViT segmentation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("models", help="list the model presets")
+    sp.set_defaults(func=_cmd_models)
+
+    sp = sub.add_parser("flops", help="dense GFLOPs of a preset (fvcore convention, batch 1)")
+    sp.add_argument("name", help="preset name (dtop models)")
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
+    sp.add_argument("--num-classes", type=int, default=150)
+    sp.add_argument("--final-head-only", action="store_true", help="count the final head, not the auxiliary ones")
+    sp.add_argument("--aux-head", choices=["atm", "mask", "linear"], default=None,
+                    help="auxiliary head type of segmenter_* presets (default atm)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_flops)
+
+    sp = sub.add_parser("demo", help="the built-in demo (currently: the paper's GFLOPs table)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DToPError as e:
+        print(f"dtop {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Analytic FLOP counts driven by the real token counts of a forward pass.
+
+Convention (fvcore's): one multiply-add = one FLOP, batch 1; linear/conv/matmul count
+in x out per row; LayerNorm 5 per element; bilinear upsampling 4 per output element;
+softmax, activations, additions and index operations count zero. Attention matmuls are
+counted (fvcore and FlopCounterMode miss them when they run as fused SDPA).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .models.heads import ATMHead, LinearHead, MaskTransformerHead
+
+
+def _norm(module: Optional[nn.Module], elements: int) -> int:
+    """A LayerNorm over ``elements`` values costs 5 per element (4 without affine); Identity costs 0."""
+    if isinstance(module, nn.LayerNorm):
+        return elements * (5 if module.elementwise_affine else 4)
+    return 0
+
+
+def vit_block_flops(blk: nn.Module, n: int) -> int:
+    """A timm ViT ``Block`` on ``n`` tokens."""
+    if n <= 0:
+        return 0
+    attn, mlp = blk.attn, blk.mlp
+    C = attn.qkv.in_features
+    attn_dim = attn.proj.in_features
+    hidden = mlp.fc1.out_features
+    f = _norm(blk.norm1, n * C) + _norm(blk.norm2, n * C)
+    f += n * C * attn.qkv.out_features + n * attn_dim * attn.proj.out_features  # qkv, out projection
+    f += 2 * n * n * attn_dim  # q @ k^T and attn @ v over all heads
+    f += _norm(getattr(attn, "q_norm", None), n * attn_dim) + _norm(getattr(attn, "k_norm", None), n * attn_dim)
+    f += _norm(getattr(attn, "norm", None), n * attn_dim) + _norm(getattr(mlp, "norm", None), n * hidden)
+    f += n * C * hidden + n * hidden * mlp.fc2.out_features
+    return f
+
+
+def atm_head_flops(head: ATMHead, n: int) -> int:
+    """ATM head decoding ``n`` tokens: input projection, then per layer query self-attention,
+    cross-attention to the tokens (k/v projections of all n tokens), FFN, three norms."""
+    C, d = head.input_proj.in_features, head.input_proj.out_features
+    K = head.num_classes
+    f = n * C * d + _norm(head.proj_norm, n * d)
+    for layer in head.layers:
+        hidden = layer.ffn[0].out_features
+        f += 4 * K * d * d + 2 * K * K * d  # self-attention: q, k, v, proj; logits and values
+        f += 2 * K * d * d + 2 * n * d * d + 2 * K * n * d  # cross: q, proj on queries; k, v on tokens; matmuls
+        f += 2 * K * d * hidden
+        f += sum(_norm(nm, K * d) for nm in (layer.norm1, layer.norm2, layer.norm3))
+    return f + K * d * head.presence.out_features
+
+
+def mask_head_flops(head: MaskTransformerHead, n: int) -> int:
+    """Segmenter mask transformer on ``n`` tokens: K class embeddings join the n tokens in its blocks."""
+    C, d = head.proj_dec.in_features, head.proj_dec.out_features
+    K = head.num_classes
+    m = n + K
+    f = n * C * d + sum(vit_block_flops(blk, m) for blk in head.blocks) + _norm(head.decoder_norm, m * d)
+    f += n * d * d + K * d * d + n * K * d  # patch / class projections, masks = patches . classes^T
+    return f + _norm(head.mask_norm, n * K)
+
+
+def linear_head_flops(head: LinearHead, n: int) -> int:
+    return _norm(head.norm, n * head.fc.in_features) + n * head.fc.in_features * head.fc.out_features
+
+
+def head_flops(head: nn.Module, n: int) -> int:
+    if n <= 0:
+        return 0
+    if isinstance(head, ATMHead):
+        return atm_head_flops(head, n)
+    if isinstance(head, MaskTransformerHead):
+        return mask_head_flops(head, n)
+    if isinstance(head, LinearHead):
+        return linear_head_flops(head, n)
+    raise TypeError(f"no FLOP formula for head type {type(head).__name__}")
+
+
+def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int],
+                    head_tokens: Sequence[int]) -> int:
+    """FLOPs of one image's forward through ``model`` (a DToPSegmentor) at input ``size`` (H, W),
+    given the tokens each block processed and the tokens each stage head decoded."""
+    bb = model.backbone
+    vit = bb.vit
+    H, W = size
+    p = bb.patch_size
+    N = (H // p) * (W // p)
+    conv = vit.patch_embed.proj
+    f = conv.in_channels * conv.out_channels * p * p * N
+    f += _norm(getattr(vit.patch_embed, "norm", None), N * bb.embed_dim)
+    f += _norm(getattr(vit, "norm_pre", None), (bb.num_prefix + N) * bb.embed_dim)
+    f += sum(vit_block_flops(blk, int(n)) for blk, n in zip(bb.blocks, tokens_per_block))
+    for s, (head, n) in enumerate(zip(model.heads, head_tokens)):
+        f += head_flops(head, int(n))
+        if s == model.num_stages - 1 and model.cfg.final_norm:
+            f += _norm(vit.norm, int(n) * bb.embed_dim)
+    return f + 4 * model.num_classes * H * W  # bilinear upsampling of the score map
+
+
+def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
+    """Token counts of the dense model: every block up to the final head sees all tokens."""
+    p = model.backbone.patch_size
+    N = (size[0] // p) * (size[1] // p)
+    T = N + model.backbone.prefix_in_blocks
+    last = model.stage_blocks[-1]
+    tokens = [T if i <= last else 0 for i in range(model.backbone.depth)]
+    heads = [0 if final_head_only and s < model.num_stages - 1 else N for s in range(model.num_stages)]
+    return tokens, heads
+
+
+def dense_flops(model, size: tuple[int, int], final_head_only: bool = False) -> int:
+    """FLOPs of the dense model at ``size``, with all stage heads or only the final one."""
+    return segmentor_flops(model, size, *dense_counts(model, size, final_head_only))
+
+
+# DESIGN.md section 4: (preset, crop, classes, final head only, reference GFLOPs).
+PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
+    ("segmenter_vit_s16", 512, 150, True, 38.6),
+    ("segmenter_vit_b16", 512, 150, True, 129.6),
+    ("segmenter_vit_l16", 640, 150, True, 671.8),
+    ("segvit_vit_b16", 512, 150, False, 109.9),
+    ("segvit_vit_l16", 640, 150, False, 617.0),
+    ("segvit_vit_l16", 480, 59, False, 315.4),
+    ("segvit_vit_l16", 512, 171, False, 366.9),
+]
+
+
+def preset_gflops(name: str, size: tuple[int, int], num_classes: int, final_head_only: bool = False,
+                  **overrides) -> float:
+    """Dense GFLOPs of a preset, built on the meta device (no weights allocated)."""
+    import torch
+
+    from .models.registry import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, **overrides)
+    return dense_flops(model, size, final_head_only) / 1e9

@@ -1,0 +1,108 @@
+"""A timm plain ViT as a token encoder whose blocks dtop drives one by one.
+
+``timm.create_model`` builds the ViT (no classifier, dynamic image size so the
+position embeddings are interpolated to each input grid); dtop calls
+``embed`` once and then ``blocks[i]`` in its own loop, so tokens can leave between blocks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import load_state_dict_file, check_and_load
+from ..errors import ConfigError, InputError
+
+CLS_MODES = ("segvit", "segmenter")
+
+
+class ViTBackbone(nn.Module):
+    """timm ViT wrapper.
+
+    cls_mode: ``"segvit"`` drops prefix tokens (CLS, registers) right after the position
+    embedding, before the blocks; ``"segmenter"`` keeps them through the blocks (they never
+    exit) and drops them before decoding.
+    pretrained: False, True (timm hub weights, needs network) or a path to a local
+    ``.pth``/``.safetensors`` file with timm ViT weights.
+    """
+
+    def __init__(self, name: str, cls_mode: str = "segvit", pretrained: Union[bool, str, Path] = False,
+                 img_size: Optional[int] = None, drop_path_rate: float = 0.0,
+                 model_kwargs: Optional[dict[str, Any]] = None) -> None:
+        super().__init__()
+        if cls_mode not in CLS_MODES:
+            raise ConfigError(f"cls_mode must be one of {CLS_MODES}, got {cls_mode!r}")
+        if not timm.is_model(name):
+            raise ConfigError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
+        kwargs: dict[str, Any] = dict(num_classes=0, global_pool="", dynamic_img_size=True,
+                                      drop_path_rate=drop_path_rate, **(model_kwargs or {}))
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        self.vit = timm.create_model(name, pretrained=pretrained is True, **kwargs)
+        if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
+            raise ConfigError(f"timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)")
+        if isinstance(pretrained, (str, Path)):
+            self.load_pretrained(pretrained)
+        self.cls_mode = cls_mode
+        self.patch_size = int(self.vit.patch_embed.patch_size[0])
+        self.in_chans = int(self.vit.patch_embed.proj.in_channels)
+        self.embed_dim = int(self.vit.embed_dim)
+        self.num_prefix = int(self.vit.num_prefix_tokens)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def prefix_in_blocks(self) -> int:
+        """Number of prefix tokens (CLS, registers) that run through the blocks."""
+        return self.num_prefix if self.cls_mode == "segmenter" else 0
+
+    def load_pretrained(self, path: Union[str, Path]) -> None:
+        """Load timm ViT weights from a local file; classifier weights are ignored, position
+        embeddings resampled to this model's grid; any other mismatch is a CheckpointError."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = load_state_dict_file(path)
+        state = checkpoint_filter_fn(state, self.vit)
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_dist."))
+                 or k in self.vit.state_dict()}
+        check_and_load(self.vit, state, source=str(path))
+
+    def check_input(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise InputError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4:
+            raise InputError(f"images must be a 4-D tensor (B, {self.in_chans}, H, W), got {images.dim()}-D "
+                             f"shape {tuple(images.shape)}")
+        B, C, H, W = images.shape
+        if C != self.in_chans:
+            raise InputError(f"images have {C} channels, the backbone expects {self.in_chans} "
+                             f"(shape {tuple(images.shape)}; channels-last input needs .permute(0, 3, 1, 2))")
+        p = self.patch_size
+        if H < p or W < p or H % p or W % p:
+            raise InputError(f"image size {H}x{W} is not a positive multiple of the patch size {p}; "
+                             f"pad or resize to a multiple of {p} (the data pipeline pads)")
+        if not images.is_floating_point():
+            raise InputError(f"images must be a float tensor (normalised), got dtype {images.dtype}")
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """images (B, 3, H, W) -> tokens (B, prefix_in_blocks + h*w, C), grid (h, w)."""
+        self.check_input(images)
+        v = self.vit
+        x = v.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+        grid = (int(x.shape[1]), int(x.shape[2]))
+        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))
+        if self.cls_mode == "segvit":
+            x = x[:, self.num_prefix:]
+        return x, grid
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.vit.norm(x)

@@ -1,0 +1,169 @@
+"""Segmentation heads that run on any subset of tokens.
+
+Every head maps tokens ``x`` (B, n, C) to a :class:`HeadOutput` with per-class
+scores for each token it saw. Heads are registered by name in :data:`HEADS`:
+
+- ``atm``: SegViT's Attention-to-Mask head (mask logits = cross-attention logits).
+- ``mask``: Segmenter's mask transformer.
+- ``linear``: LayerNorm + Linear per token.
+
+All matmuls are explicit (no fused kernels) in the ATM head so any FLOP counter sees them;
+the mask transformer uses timm ``Block``s whose fused attention can be switched off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+
+@dataclass
+class HeadOutput:
+    """logits: (B, K, n) ATM mask logits or per-token class logits; presence: (B, K, 2) for ATM
+    (index 0 = present, 1 = absent), else None."""
+
+    logits: Tensor
+    presence: Optional[Tensor] = None
+
+    def probs(self) -> Tensor:
+        """Per-class probabilities (B, K, n): ATM ``softmax(z)[present] * sigmoid(A)``, else softmax over K."""
+        if self.presence is not None:
+            return atm_scores(self.presence, self.logits)
+        return self.logits.softmax(dim=1)
+
+
+def atm_scores(presence: Tensor, mask_logits: Tensor) -> Tensor:
+    """``softmax(z[c])[present] * sigmoid(A[c, n])``: presence (B, K, 2), mask_logits (B, K, n) -> (B, K, n)."""
+    return presence.softmax(dim=-1)[..., :1] * mask_logits.sigmoid()
+
+
+class QueryAttention(nn.Module):
+    """Multi-head attention of queries over keys that also returns the pre-softmax logits averaged over heads."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, xq: Tensor, xkv: Tensor) -> tuple[Tensor, Tensor]:
+        """xq (B, Q, d), xkv (B, n, d) -> out (B, Q, d), logits (B, Q, n)."""
+        B, Q, d = xq.shape
+        h = self.num_heads
+        q = self.q(xq).reshape(B, Q, h, d // h).transpose(1, 2)
+        k = self.k(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
+        v = self.v(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, Q, d)
+        return self.proj(out), logits.mean(dim=1)
+
+
+class ATMDecoderLayer(nn.Module):
+    """Post-norm decoder layer: query self-attention, query-to-token cross-attention, FFN (4d, ReLU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.self_attn = QueryAttention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = QueryAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, q: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        q = self.norm1(q + self.self_attn(q, q)[0])
+        out, mask_logits = self.cross_attn(q, x)
+        q = self.norm2(q + out)
+        q = self.norm3(q + self.ffn(q))
+        return q, mask_logits
+
+
+class ATMHead(nn.Module):
+    """SegViT Attention-to-Mask head: one learned query per class (query c <-> class c)."""
+
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 384, num_layers: int = 3,
+                 num_heads: Optional[int] = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.input_proj = nn.Linear(in_dim, dim)
+        self.proj_norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.zeros(1, num_classes, dim))
+        self.layers = nn.ModuleList(ATMDecoderLayer(dim, num_heads or max(1, dim // 64)) for _ in range(num_layers))
+        self.presence = nn.Linear(dim, 2)
+        trunc_normal_(self.query, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> HeadOutput:
+        x = self.proj_norm(self.input_proj(x))
+        q = self.query.expand(x.shape[0], -1, -1)
+        mask_logits = x.new_zeros(0)
+        for layer in self.layers:
+            q, mask_logits = layer(q, x)
+        return HeadOutput(logits=mask_logits, presence=self.presence(q))
+
+
+class MaskTransformerHead(nn.Module):
+    """Segmenter's mask transformer: class embeddings decoded jointly with the patch tokens."""
+
+    def __init__(self, in_dim: int, num_classes: int, dim: Optional[int] = None, num_layers: int = 2,
+                 num_heads: Optional[int] = None, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        dim = dim or in_dim
+        self.num_classes = num_classes
+        self.scale = dim ** -0.5
+        self.proj_dec = nn.Linear(in_dim, dim)
+        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
+        self.blocks = nn.ModuleList(Block(dim, num_heads or max(1, dim // 64), mlp_ratio=mlp_ratio)
+                                    for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.proj_patch = nn.Parameter(self.scale * torch.randn(dim, dim))
+        self.proj_classes = nn.Parameter(self.scale * torch.randn(dim, dim))
+        self.mask_norm = nn.LayerNorm(num_classes)
+        trunc_normal_(self.cls_emb, std=0.02)
+
+    def forward(self, x: Tensor) -> HeadOutput:
+        n = x.shape[1]
+        x = torch.cat([self.proj_dec(x), self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
+        classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, n, K)
+        return HeadOutput(logits=masks.transpose(1, 2))
+
+
+class LinearHead(nn.Module):
+    """LayerNorm + Linear(C -> K) per token."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc = nn.Linear(in_dim, num_classes)
+        trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: Tensor) -> HeadOutput:
+        return HeadOutput(logits=self.fc(self.norm(x)).transpose(1, 2))
+
+
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "atm": ATMHead,
+    "mask": MaskTransformerHead,
+    "linear": LinearHead,
+}

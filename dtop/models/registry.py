@@ -1,0 +1,108 @@
+"""Named model presets, in the manner of timm's model registry.
+
+Each preset is a function returning a :class:`SegmentorConfig`; :func:`create_model`
+builds the model from it with the caller's overrides.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Optional, Union
+
+from ..errors import ConfigError
+from .config import SegmentorConfig, StageSpec
+
+_PRESETS: dict[str, Callable[..., SegmentorConfig]] = {}
+
+
+def register_preset(fn: Callable[..., SegmentorConfig]) -> Callable[..., SegmentorConfig]:
+    _PRESETS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def _atm(block: int, dim: int) -> StageSpec:
+    """An ATM stage head with ONE decoder layer. SegViT's ATM decoder has three layers, one per
+    backbone stage; in the DToP layout each stage gets its own head, so each holds one layer.
+    This is the layout whose count reproduces the paper's GFLOPs (DESIGN.md section 4); three
+    layers per head (``head_kwargs={"num_layers": 3}``) cost about 4.5 GFLOPs more on ViT-B/512."""
+    return StageSpec(block, "atm", {"dim": dim, "num_layers": 1})
+
+
+def _segmenter(backbone: str, aux_blocks: list[int], final_block: int, atm_dim: int,
+               aux_head: str = "atm", p0: float = 0.9) -> SegmentorConfig:
+    """Segmenter: mask-transformer final head, CLS through the blocks, cheap auxiliary exit heads."""
+    aux = [_atm(b, atm_dim) if aux_head == "atm" else StageSpec(b, aux_head) for b in aux_blocks]
+    return SegmentorConfig(backbone=backbone, stages=aux + [StageSpec(final_block, "mask")], p0=p0,
+                           cls_mode="segmenter", final_norm=True)
+
+
+def _segvit(backbone: str, blocks: list[int], atm_dim: int, p0: float = 0.9) -> SegmentorConfig:
+    """SegViT in the DToP layout: an ATM head at every stage, CLS dropped before the blocks, no final norm."""
+    return SegmentorConfig(backbone=backbone, stages=[_atm(b, atm_dim) for b in blocks], p0=p0,
+                           cls_mode="segvit", final_norm=False)
+
+
+@register_preset
+def segmenter_vit_t16(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_tiny_patch16_384", [5, 7], 11, 192, aux_head)
+
+
+@register_preset
+def segmenter_vit_s16(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_small_patch16_384", [5, 7], 11, 384, aux_head)
+
+
+@register_preset
+def segmenter_vit_b16(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_base_patch16_384", [5, 7], 11, 384, aux_head)
+
+
+@register_preset
+def segmenter_vit_l16(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_large_patch16_384", [7, 15], 23, 512, aux_head, p0=0.95)
+
+
+@register_preset
+def segvit_vit_t16() -> SegmentorConfig:
+    return _segvit("vit_tiny_patch16_384", [5, 7, 11], 192)
+
+
+@register_preset
+def segvit_vit_b16() -> SegmentorConfig:
+    return _segvit("vit_base_patch16_384", [5, 7, 11], 384)
+
+
+@register_preset
+def segvit_vit_l16() -> SegmentorConfig:
+    return _segvit("vit_large_patch16_384", [7, 15, 23], 512, p0=0.95)
+
+
+def get_config(name: str, aux_head: Optional[str] = None, **overrides: Any) -> SegmentorConfig:
+    """The preset's config with ``overrides`` (any :class:`SegmentorConfig` field) applied."""
+    if name not in _PRESETS:
+        close = difflib.get_close_matches(name, _PRESETS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model preset {name!r}{hint} Known presets: {', '.join(list_models())}")
+    if aux_head is not None and not name.startswith("segmenter"):
+        raise ConfigError(f"aux_head applies to segmenter_* presets only, not {name!r}")
+    cfg = _PRESETS[name](aux_head=aux_head) if aux_head is not None else _PRESETS[name]()
+    d = cfg.to_dict()
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    d["name"] = name
+    return SegmentorConfig.from_dict(d)
+
+
+def create_model(name: str, num_classes: int = 150, p0: Union[float, list[float], None] = None,
+                 pretrained: Union[bool, str] = False, aux_head: Optional[str] = None, **overrides: Any):
+    """Build a preset: ``dtop.create_model("segvit_vit_b16", num_classes=150, p0=0.9)``.
+
+    pretrained: True for timm hub weights (online), or a local ``.pth``/``.safetensors`` path.
+    overrides: any :class:`SegmentorConfig` field (``stages``, ``topk``, ``backbone_kwargs``, ...).
+    """
+    from .segmentor import DToPSegmentor
+
+    cfg = get_config(name, aux_head=aux_head, num_classes=num_classes, p0=p0, pretrained=pretrained, **overrides)
+    return DToPSegmentor(cfg)

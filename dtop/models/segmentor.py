@@ -1,0 +1,230 @@
+"""The DToP segmentor: a timm ViT cut into stages by heads, with early exit of easy tokens.
+
+Forward pass (DESIGN.md section 1), per image ``b``:
+
+1. Embed, run the blocks. After the block of stage ``m`` the stage head scores every token
+   still in play; the canvas receives those scores at the tokens' positions.
+2. After a non-final stage, tokens with confidence ``> p0`` exit (all but the ``k`` most
+   confident of each predicted class, which stay as context); they are removed from every
+   later block (neither query nor key) and from every later head.
+3. The final map is the canvas: each token holds the scores of the stage where it left.
+
+Reference execution (this module): while no token has exited, the batch runs together;
+after the first exit each image runs its own gather -> blocks -> scatter, which is exact.
+
+Score space of the canvas (see :func:`score_space`):
+
+- ``"atm"`` (every head is ATM): canvas holds mask logits; final score is
+  ``softmax(z_final)[present] * sigmoid(canvas)`` (exited tokens use the final presence).
+- ``"logits"`` (no ATM head): canvas holds per-token class logits.
+- ``"prob"`` (mixed head types): canvas holds each stage's per-class probabilities
+  (ATM: ``softmax(z_stage)[present] * sigmoid(A)``; others: softmax over classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..pruning import confidence, gather_tokens, keep_indices, scatter_tokens, select_exits
+from .backbone import ViTBackbone
+from .config import SegmentorConfig
+from .heads import HEADS, HeadOutput, atm_scores
+
+
+@dataclass
+class StageOutput:
+    """The canvas after one stage head wrote to it (training losses use these).
+
+    canvas: (B, K, h, w) in the model's score space; presence: (B, K, 2) for ATM heads.
+    """
+
+    canvas: Tensor
+    presence: Optional[Tensor]
+
+
+@dataclass
+class SegmentationOutput:
+    """Result of a forward pass.
+
+    logits: (B, K, H, W) scores at input resolution (argmax = prediction); class logits,
+        or probabilities in the ``"atm"``/``"prob"`` score spaces.
+    token_logits: (B, K, h, w) the assembled canvas before the final transform and upsampling.
+    exit_stage: (B, h, w) long, the stage index that finalised each token.
+    tokens_per_block: (B, depth) long, tokens each block processed (prefix tokens included).
+    head_tokens: (B, num_stages) long, tokens each stage head decoded.
+    gflops: (B,) float64, per-image GFLOPs of this forward (analytic, fvcore convention).
+    stages: one :class:`StageOutput` per stage, in order.
+    """
+
+    logits: Tensor
+    token_logits: Tensor
+    exit_stage: Tensor
+    tokens_per_block: Tensor
+    head_tokens: Tensor
+    gflops: Tensor
+    stages: list[StageOutput] = field(default_factory=list)
+
+    def exit_fractions(self) -> Tensor:
+        """(B, num_stages) fraction of tokens finalised at each stage."""
+        S = len(self.stages)
+        flat = self.exit_stage.flatten(1)
+        return F.one_hot(flat, S).float().mean(dim=1)
+
+
+def score_space(head_types: list[str]) -> str:
+    if all(t == "atm" for t in head_types):
+        return "atm"
+    if not any(t == "atm" for t in head_types):
+        return "logits"
+    return "prob"
+
+
+class DToPSegmentor(nn.Module):
+    """Plain-ViT segmentor with DToP early exit. Build with :func:`dtop.create_model` or from a config."""
+
+    def __init__(self, cfg: SegmentorConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = ViTBackbone(cfg.backbone, cls_mode=cfg.cls_mode, pretrained=cfg.pretrained,
+                                    img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate,
+                                    model_kwargs=cfg.backbone_kwargs)
+        depth = self.backbone.depth
+        for s in cfg.stages:
+            if not 0 <= s.block < depth:
+                raise ConfigError(f"stage head after block {s.block}, but {cfg.backbone} has blocks 0..{depth - 1}")
+        C = self.backbone.embed_dim
+        self.heads = nn.ModuleList(HEADS[s.head](C, cfg.num_classes, **s.head_kwargs) for s in cfg.stages)
+        self.stage_blocks = [s.block for s in cfg.stages]
+        self.space = score_space([s.head for s in cfg.stages])
+        self.p0 = cfg.p0_per_stage()
+        self.topk = cfg.topk
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.heads)
+
+    def set_p0(self, p0) -> None:
+        """Set the exit threshold(s): a float for every non-final stage or a list, one per non-final stage."""
+        self.cfg.p0 = p0
+        self.p0 = self.cfg.p0_per_stage()
+
+    # ------------------------------------------------------------------ pieces
+    def _decode(self, stage: int, x: Tensor) -> HeadOutput:
+        """Run stage head ``stage`` on block output ``x`` (B, prefix + n, C): prefix dropped, final norm on the last stage."""
+        x = x[:, self.backbone.prefix_in_blocks:]
+        if stage == self.num_stages - 1 and self.cfg.final_norm:
+            x = self.backbone.final_norm(x)
+        return self.heads[stage](x)
+
+    def _to_space(self, out: HeadOutput) -> Tensor:
+        return out.probs() if self.space == "prob" else out.logits
+
+    def _finalise(self, canvas: Tensor, presence: Optional[Tensor], grid: tuple[int, int],
+                  size: tuple[int, int]) -> Tensor:
+        score = atm_scores(presence, canvas) if self.space == "atm" else canvas
+        score = score.reshape(*score.shape[:2], *grid)
+        return F.interpolate(score, size=size, mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ forward
+    def forward_dense(self, images: Tensor) -> Tensor:
+        """The plain model: every block, final head on all tokens, no auxiliary head. -> (B, K, H, W)."""
+        x, grid = self.backbone.embed(images)
+        for blk in self.backbone.blocks[: self.stage_blocks[-1] + 1]:
+            x = blk(x)
+        out = self._decode(self.num_stages - 1, x)
+        return self._finalise(self._to_space(out), out.presence, grid, tuple(images.shape[-2:]))
+
+    def forward(self, images: Tensor) -> SegmentationOutput:
+        """DToP forward, reference path (exact). images (B, 3, H, W), H and W multiples of the patch size."""
+        x, grid = self.backbone.embed(images)
+        B, device = x.shape[0], x.device
+        N = grid[0] * grid[1]
+        P = self.backbone.prefix_in_blocks
+        S = self.num_stages
+        last_block = self.stage_blocks[-1]
+        tokens_per_block = torch.zeros(B, self.backbone.depth, dtype=torch.long)
+        head_tokens = torch.zeros(B, S, dtype=torch.long)
+        exit_stage = torch.full((B, N), S - 1, dtype=torch.long, device=device)
+
+        # Either one batch tensor (no token has left yet) or per-image tensors with their kept indices.
+        xs: Optional[list[Tensor]] = None
+        idx: list[Tensor] = [torch.arange(N, device=device)] * B
+        canvas: Optional[Tensor] = None
+        stages: list[StageOutput] = []
+        stage = 0
+        for i, blk in enumerate(self.backbone.blocks[: last_block + 1]):
+            if xs is None:
+                x = blk(x)
+                tokens_per_block[:, i] = x.shape[1]
+            else:
+                xs = [blk(xb) for xb in xs]
+                tokens_per_block[:, i] = torch.tensor([xb.shape[1] for xb in xs])
+            if i != self.stage_blocks[stage]:
+                continue
+
+            # ---- stage head on the tokens in play, written to the canvas
+            if xs is None:
+                out = self._decode(stage, x)
+                values = self._to_space(out)
+                canvas = values if canvas is None else values.to(canvas.dtype)
+                presence = out.presence
+                head_tokens[:, stage] = N
+                probs = [out.probs()] if stage < S - 1 else []
+            else:
+                outs = [self._decode(stage, xb) for xb in xs]
+                presence = torch.cat([o.presence for o in outs]) if outs[0].presence is not None else None
+                canvas = torch.cat([scatter_tokens(canvas[b:b + 1], idx[b], self._to_space(o))
+                                    for b, o in enumerate(outs)])
+                head_tokens[:, stage] = torch.tensor([len(t) for t in idx])
+                probs = [o.probs() for o in outs] if stage < S - 1 else []
+            stages.append(StageOutput(canvas.reshape(B, -1, *grid), presence))
+
+            # ---- exit decisions (never after the last stage)
+            if stage < S - 1 and self.p0[stage] < 1.0:
+                with torch.no_grad():
+                    exits = self._exits(probs, stage)
+                if any(bool(e.any()) for e in exits):
+                    if xs is None:
+                        xs = [x[b:b + 1] for b in range(B)]
+                    for b, e in enumerate(exits):
+                        exit_stage[b, idx[b][e]] = stage
+                        keep = keep_indices(e)
+                        xs[b] = gather_tokens(xs[b], keep, offset=P)
+                        idx[b] = idx[b][keep]
+            stage += 1
+
+        logits = self._finalise(canvas, stages[-1].presence, grid, tuple(images.shape[-2:]))
+        from ..flops import segmentor_flops  # local import: flops imports this module's types
+
+        gflops = torch.tensor([segmentor_flops(self, tuple(images.shape[-2:]), tokens_per_block[b].tolist(),
+                                               head_tokens[b].tolist()) / 1e9 for b in range(B)],
+                              dtype=torch.float64)
+        return SegmentationOutput(logits=logits, token_logits=canvas.reshape(B, -1, *grid),
+                                  exit_stage=exit_stage.reshape(B, *grid), tokens_per_block=tokens_per_block,
+                                  head_tokens=head_tokens, gflops=gflops, stages=stages)
+
+    def _exits(self, probs: list[Tensor], stage: int) -> list[Tensor]:
+        """Exit masks, one (n_b,) bool tensor per image, from the stage's per-class probabilities."""
+        masks = []
+        for p in probs:
+            conf, label = confidence(p.float())
+            masks.extend(select_exits(conf, label, self.p0[stage], self.topk).unbind(0))
+        return masks
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused scaled_dot_product_attention on or off in every attention layer
+    (off lets FLOP counters such as fvcore see the attention matmuls)."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = enabled

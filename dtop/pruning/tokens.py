@@ -1,0 +1,79 @@
+"""Token bookkeeping for DToP as pure functions.
+
+Scores in, exit decisions and keep indices out, plus gather/scatter helpers.
+Nothing here knows about modules; every function is unit-tested on its own.
+
+Shapes: ``B`` images, ``K`` classes, ``N`` tokens (patch tokens of the grid, in
+raster order), ``n`` tokens still in play for one image.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def confidence(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token confidence and label from per-class probabilities.
+
+    probs: (..., K, N) -> (conf (..., N), label (..., N) long); ``s_n = max_c P[c, n]``.
+    """
+    conf, label = probs.max(dim=-2)
+    return conf, label
+
+
+def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tensor | None = None) -> Tensor:
+    """Which tokens exit at this stage (DESIGN.md section 1).
+
+    A token is *easy* when ``conf > p0`` (strict). For every class among the easy
+    tokens' labels, the ``k`` most confident easy tokens of that class stay in play
+    (context rule); the remaining easy tokens exit.
+
+    conf, label: (B, N); valid: (B, N) bool, tokens that may exit (default all).
+    Returns exit mask (B, N) bool. Ties in confidence go to the lower token index.
+    """
+    if conf.shape != label.shape or conf.dim() != 2:
+        raise ValueError(f"conf and label must both be (B, N), got {tuple(conf.shape)} and {tuple(label.shape)}")
+    easy = conf > p0
+    if valid is not None:
+        easy = easy & valid
+    if k <= 0 or not bool(easy.any()):
+        return easy
+    B, N = conf.shape
+    num_groups = int(label.max()) + 2  # one group per class, plus one for "not easy"
+    group = torch.where(easy, label, torch.full_like(label, num_groups - 1))
+    # Sort by confidence (descending), then stably by group: tokens end up grouped
+    # by class, most confident first inside each group.
+    by_conf = torch.argsort(torch.where(easy, conf, conf.new_full((), -1.0)), dim=1, descending=True, stable=True)
+    by_group = torch.argsort(group.gather(1, by_conf), dim=1, stable=True)
+    order = by_conf.gather(1, by_group)
+    sorted_group = group.gather(1, order)
+    counts = torch.zeros(B, num_groups, dtype=torch.long, device=conf.device)
+    counts.scatter_add_(1, group, torch.ones_like(group))
+    starts = counts.cumsum(1) - counts
+    rank = torch.arange(N, device=conf.device).expand(B, N) - starts.gather(1, sorted_group)
+    stays_sorted = (rank < k) & (sorted_group < num_groups - 1)
+    stays = torch.zeros_like(easy).scatter(1, order, stays_sorted)
+    return easy & ~stays
+
+
+def keep_indices(exits: Tensor) -> Tensor:
+    """Indices (n,) of the tokens that stay, from a (n_in,) exit mask, in their original order."""
+    return (~exits).nonzero(as_tuple=True)[0]
+
+
+def gather_tokens(x: Tensor, idx: Tensor, offset: int = 0) -> Tensor:
+    """Rows ``idx`` of ``x`` (B, T, C), keeping the first ``offset`` rows (prefix tokens such as CLS).
+
+    idx: (n,) shared by the batch, or (B, n) per image. Returns (B, offset + n, C).
+    """
+    if idx.dim() == 1:
+        idx = idx.expand(x.shape[0], -1)
+    rows = x[:, offset:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :offset], rows], dim=1) if offset else rows
+
+
+def scatter_tokens(canvas: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+    """Out-of-place write of ``values`` (B, K, n) into ``canvas`` (B, K, N) at token positions ``idx`` (B, n)."""
+    if idx.dim() == 1:
+        idx = idx.expand(canvas.shape[0], -1)
+    return canvas.scatter(2, idx.unsqueeze(1).expand(-1, canvas.shape[1], -1), values.to(canvas.dtype))
