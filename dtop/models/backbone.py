@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file, check_and_load
-from ..errors import ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 
 CLS_MODES = ("segvit", "segmenter")
 
@@ -41,7 +41,15 @@ class ViTBackbone(nn.Module):
                                       drop_path_rate=drop_path_rate, **(model_kwargs or {}))
         if img_size is not None:
             kwargs["img_size"] = img_size
-        self.vit = timm.create_model(name, pretrained=pretrained is True, **kwargs)
+        try:
+            self.vit = timm.create_model(name, pretrained=pretrained is True, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if pretrained is not True:
+                raise
+            raise CheckpointError(
+                f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass a local weight file instead: "
+                f"pretrained='path/to/weights.safetensors' (or .pth)") from e
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
             raise ConfigError(f"timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)")
         if isinstance(pretrained, (str, Path)):

@@ -1,0 +1,127 @@
+"""Bad input gets a clear error that names the problem."""
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import dtop
+from conftest import tiny_model
+from dtop.checkpoint import check_and_load, load_state_dict_file
+from dtop.errors import CheckpointError, ConfigError, InputError
+from dtop.models import ViTBackbone
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((1, 1, 64, 64), "1 channels, the backbone expects 3"),
+    ((1, 4, 64, 64), "4 channels"),
+    ((64, 64), "4-D tensor"),
+    ((1, 1, 3, 64, 64), "5-D"),
+    ((1, 3, 60, 64), "60x64 is not a positive multiple of the patch size 16"),
+    ((1, 3, 8, 8), "8x8"),
+])
+def test_bad_image_shapes(model, shape, match):
+    with pytest.raises(InputError, match=match):
+        model(torch.zeros(shape))
+    with pytest.raises(InputError, match=match):
+        model.forward_dense(torch.zeros(shape))
+
+
+def test_non_float_and_non_tensor_input(model):
+    with pytest.raises(InputError, match="float"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(InputError, match="torch.Tensor"):
+        model([[0.0]])
+
+
+def test_unknown_preset_and_config_errors():
+    with pytest.raises(ConfigError, match="unknown model preset 'segvit_vit_b61'.*did you mean segvit_vit_b16"):
+        dtop.create_model("segvit_vit_b61")
+    with pytest.raises(ConfigError, match="unknown head type 'fcn'"):
+        dtop.create_model("segvit_vit_t16", stages=[{"block": 11, "head": "fcn"}])
+    with pytest.raises(ConfigError, match="blocks 0..3"):
+        tiny_model(blocks=(1, 2, 7))
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        tiny_model(blocks=(2, 1, 3))
+    with pytest.raises(ConfigError, match="p0 has 3 values but the model has 2 non-final stages"):
+        tiny_model(p0=[0.9, 0.9, 0.9])
+    with pytest.raises(ConfigError, match="unknown model config keys: colour"):
+        dtop.get_config("segvit_vit_t16", colour="red")
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        ViTBackbone("vit_nonexistent_patch16")
+
+
+def _timm_vit(img_size=224):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=img_size, depth=2, num_classes=10)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_pretrained_weights_load(tmp_path, suffix):
+    vit = _timm_vit()
+    path = tmp_path / f"vit{suffix}"
+    state = vit.state_dict()  # includes the classifier head.*, which dtop ignores
+    if suffix == ".pth":
+        torch.save({"model": state}, path)
+    else:
+        save_file(state, str(path))
+    bb = ViTBackbone("vit_tiny_patch16_224", pretrained=str(path), img_size=384, model_kwargs={"depth": 2})
+    torch.testing.assert_close(bb.vit.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    assert bb.vit.pos_embed.shape[1] == 1 + 24 * 24  # resampled from 14x14 to the 384 grid
+
+
+def test_pretrained_with_missing_or_unexpected_keys(tmp_path):
+    state = _timm_vit().state_dict()
+    state.pop("blocks.0.attn.qkv.weight")
+    state["blocks.0.extra.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): blocks.0.attn.qkv.weight; "
+                                              r"unexpected keys \(1\): blocks.0.extra.weight"):
+        ViTBackbone("vit_tiny_patch16_224", pretrained=str(path), model_kwargs={"depth": 2})
+
+
+def test_model_checkpoint_mismatch_lists_keys(tmp_path):
+    model = tiny_model()
+    state = model.state_dict()
+    state.pop("heads.0.presence.weight")
+    state["heads.9.fc.weight"] = torch.zeros(1)
+    state["heads.1.query"] = torch.zeros(1, 3, 32)
+    with pytest.raises(CheckpointError) as e:
+        check_and_load(model, state, source="ckpt.pth")
+    msg = str(e.value)
+    assert "missing keys (1): heads.0.presence.weight" in msg
+    assert "unexpected keys (1): heads.9.fc.weight" in msg
+    assert "heads.1.query (1, 3, 32) vs model (1, 5, 32)" in msg
+
+
+def test_checkpoint_files_missing_or_unsafe(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict_file(tmp_path / "nope.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run code",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        load_state_dict_file(path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        load_state_dict_file(junk)
+
+
+def test_hub_weights_offline_give_a_clear_error(monkeypatch):
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="pass a local weight file instead"):
+        ViTBackbone("vit_tiny_patch16_224", pretrained=True, model_kwargs={"depth": 1})

@@ -1,0 +1,72 @@
+"""The analytic GFLOPs counter against fvcore, and against the paper's table."""
+import warnings
+
+import pytest
+import torch
+
+import dtop
+from conftest import CLS_MODES, HEAD_SETS, images, p0_at_quantile, tiny_model
+from dtop.flops import PAPER_TABLE, dense_flops, preset_gflops
+from dtop.models import set_fused_attn
+
+fvcore_nn = pytest.importorskip("fvcore.nn")
+
+
+class _AllOutputs(torch.nn.Module):
+    """Returns every tensor the forward produces, so the trace keeps every head that ran."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return (out.logits, *[t for s in out.stages for t in (s.canvas, s.presence) if t is not None])
+
+
+def fvcore_count(model, x) -> int:
+    set_fused_attn(model, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = fvcore_nn.FlopCountAnalysis(_AllOutputs(model), (x,))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return int(analysis.total())
+
+
+@pytest.mark.parametrize("heads", list(HEAD_SETS))
+@pytest.mark.parametrize("cls_mode", CLS_MODES)
+@pytest.mark.parametrize("pruned", [False, True])
+def test_analytic_equals_fvcore(heads, cls_mode, pruned):
+    model = tiny_model(HEAD_SETS[heads], cls_mode=cls_mode, topk=1)
+    x = images(1, 64, 96, seed=2)
+    if pruned:
+        model.set_p0([p0_at_quantile(model, x, 0.3), p0_at_quantile(model, x, 0.3, stage=1)])
+    with torch.no_grad():
+        out = model(x)
+    if pruned:
+        assert (out.exit_stage < 2).any()
+    assert round(out.gflops.item() * 1e9) == fvcore_count(model, x)
+
+
+@pytest.mark.parametrize("name", ["segvit_vit_t16", "segmenter_vit_t16"])
+def test_presets_analytic_equals_fvcore(name):
+    model = dtop.create_model(name, num_classes=7, p0=1.0).eval()
+    x = images(1, 48, 80)
+    with torch.no_grad():
+        out = model(x)
+    assert round(out.gflops.item() * 1e9) == fvcore_count(model, x)
+    assert round(out.gflops.item() * 1e9) == dense_flops(model, (48, 80))
+
+
+@pytest.mark.parametrize("name,crop,k,final_only,ref", PAPER_TABLE)
+def test_reproduces_paper_table(name, crop, k, final_only, ref):
+    g = preset_gflops(name, (crop, crop), k, final_only)
+    assert abs(g - ref) / ref < 0.005, f"{name} {crop} {k}: {g:.2f} vs {ref}"
+
+
+def test_final_head_only_is_cheaper_and_size_scales():
+    full = preset_gflops("segmenter_vit_b16", (512, 512), 150)
+    final = preset_gflops("segmenter_vit_b16", (512, 512), 150, final_head_only=True)
+    assert final < full
+    assert preset_gflops("segvit_vit_b16", (512, 1024), 150) > 1.9 * preset_gflops("segvit_vit_b16", (512, 512), 150)
