@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dtop demo
+	$(VENV)/bin/dtop demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

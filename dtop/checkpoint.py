@@ -14,11 +14,8 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
 _MAX_LISTED = 12
 
 
-def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
-
-    A nested ``state_dict``/``model`` entry is unwrapped and a ``module.`` prefix (DDP) stripped.
-    """
+def _read(path: Union[str, Path]):
+    """The object in a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -26,19 +23,26 @@ def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path))
+            return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load {path}: it needs arbitrary unpickling, which can run code "
-                f"(torch.load weights_only=True failed: {str(e).splitlines()[0]}). Re-save it as a plain "
-                f"state dict of tensors or as .safetensors.") from e
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it needs arbitrary unpickling, which can run code "
+            f"(torch.load weights_only=True failed: {str(e).splitlines()[0]}). Re-save it as a plain "
+            f"state dict of tensors or as .safetensors.") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
+
+    A nested ``state_dict``/``model`` entry is unwrapped and a ``module.`` prefix (DDP) stripped.
+    """
+    state = _read(path)
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -73,3 +77,42 @@ def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "c
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
+
+
+def save_atomic(obj: dict, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a crash leaves either the old checkpoint or the new one, never a partial file."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict:
+    """A dtop training checkpoint (``weights_only=True``): keys model, model_config, config, iter, ..."""
+    ckpt = _read(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a dtop checkpoint (no 'model'/'model_config' entries); "
+                              f"published Segmenter/SegViT weights load with dtop.convert.load_into")
+    return ckpt
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
+    """Rebuild a :class:`DToPSegmentor` from a dtop checkpoint and load its weights."""
+    from .models import DToPSegmentor, SegmentorConfig
+
+    ckpt = load_checkpoint(path)
+    mcfg = SegmentorConfig.from_dict({**ckpt["model_config"], "pretrained": False})
+    model = DToPSegmentor(mcfg)
+    check_and_load(model, ckpt["model"], source=str(path))
+    return model.to(device)

@@ -43,7 +43,7 @@ def paper_table_rows() -> list[dict]:
     return rows
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_paper_table(args: argparse.Namespace) -> None:
     rows = paper_table_rows()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -55,6 +55,31 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         heads = "final head only" if r["final_head_only"] else "all 3 ATM heads"
         print(f"| {r['model']:18s} | {heads} | {r['crop']:4d} | {r['num_classes']:7d} | {r['gflops']:6.1f} |"
               f" {r['paper']:5.1f} | {r['diff_pct']:+5.2f}% |")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .engine import train
+
+    cfg = load_config(args.config, args.set)
+    path = train(cfg, resume=args.resume)
+    print(f"checkpoint: {path}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .engine import run_evaluation, summary_table
+
+    cfg = load_config(args.config, args.set)
+    p0s = args.p0 if args.p0 is not None else cfg.eval.p0
+    rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out)
+    print("\n" + summary_table(rows))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_flops)
 
-    sp = sub.add_parser("demo", help="the built-in demo (currently: the paper's GFLOPs table)")
+    sp = sub.add_parser("paper-table", help="dense GFLOPs of the paper's models next to the paper's figures")
     sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_paper_table)
+
+    sp = sub.add_parser("train", help="train from a YAML config")
+    sp.add_argument("config")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sp.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    sp.set_defaults(func=_cmd_train)
+
+    sp = sub.add_parser("eval", help="evaluate a checkpoint: dense and DToP at each p0")
+    sp.add_argument("config")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--p0", type=float, nargs="+", default=None, help="thresholds (default: eval.p0 of the config)")
+    sp.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    sp.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.set_defaults(func=_cmd_eval)
+
+    sp = sub.add_parser("demo", help="train a tiny model on synthetic scenes, fine-tune with DToP, evaluate")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--fast", action="store_true", help="a seconds-long version (for tests)")
     sp.set_defaults(func=_cmd_demo)
     return p
+
+
+def _last_line(message: str) -> str:
+    """DataLoader workers re-raise our errors with the worker's traceback prepended; keep our message."""
+    if "Traceback" in message:
+        tail = message.strip().splitlines()[-1]
+        return tail.split(": ", 1)[1] if ": " in tail else tail
+    return message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -85,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.func(args)
     except DToPError as e:
-        print(f"dtop {args.command}: error: {e}", file=sys.stderr)
+        print(f"dtop {args.command}: error: {_last_line(str(e))}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,7 +24,7 @@ def test_unknown_preset_is_a_one_line_error(capsys):
 
 
 def test_console_script_demo_prints_paper_table():
-    proc = subprocess.run([sys.executable, "-m", "dtop", "demo", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "dtop", "paper-table", "--json"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)

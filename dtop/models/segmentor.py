@@ -38,13 +38,21 @@ from .heads import HEADS, HeadOutput, atm_scores
 
 @dataclass
 class StageOutput:
-    """The canvas after one stage head wrote to it (training losses use these).
+    """The canvases after one stage head wrote to them.
 
-    canvas: (B, K, h, w) in the model's score space; presence: (B, K, 2) for ATM heads.
+    canvas: (B, K, h, w) in the model's score space (the assembly so far).
+    presence: (B, K, 2) for ATM heads, else None.
+    logits: (B, K, h, w) the canvas in this head's own space (ATM mask logits or class logits), for
+        its loss: tokens this head decoded hold its values, tokens that left at an earlier stage hold
+        the values of the latest earlier head of the same kind (ATM or not).
+    valid: (B, h, w) bool, tokens where ``logits`` is defined (all True unless head kinds are mixed
+        and some tokens left at a head of the other kind).
     """
 
     canvas: Tensor
     presence: Optional[Tensor]
+    logits: Tensor
+    valid: Tensor
 
 
 @dataclass
@@ -160,6 +168,8 @@ class DToPSegmentor(nn.Module):
         xs: Optional[list[Tensor]] = None
         idx: list[Tensor] = [torch.arange(N, device=device)] * B
         canvas: Optional[Tensor] = None
+        native: dict[str, Tensor] = {}  # per head kind ("atm" mask logits, "logits"), for the stage losses
+        native_valid: dict[str, Tensor] = {}
         stages: list[StageOutput] = []
         stage = 0
         for i, blk in enumerate(self.backbone.blocks[: last_block + 1]):
@@ -172,22 +182,26 @@ class DToPSegmentor(nn.Module):
             if i != self.stage_blocks[stage]:
                 continue
 
-            # ---- stage head on the tokens in play, written to the canvas
+            # ---- stage head on the tokens in play, written to the canvas(es)
             if xs is None:
                 out = self._decode(stage, x)
-                values = self._to_space(out)
-                canvas = values if canvas is None else values.to(canvas.dtype)
-                presence = out.presence
+                outs, presence = [out], out.presence
                 head_tokens[:, stage] = N
-                probs = [out.probs()] if stage < S - 1 else []
+                seen = torch.ones(B, N, dtype=torch.bool, device=device)
             else:
                 outs = [self._decode(stage, xb) for xb in xs]
                 presence = torch.cat([o.presence for o in outs]) if outs[0].presence is not None else None
-                canvas = torch.cat([scatter_tokens(canvas[b:b + 1], idx[b], self._to_space(o))
-                                    for b, o in enumerate(outs)])
                 head_tokens[:, stage] = torch.tensor([len(t) for t in idx])
-                probs = [o.probs() for o in outs] if stage < S - 1 else []
-            stages.append(StageOutput(canvas.reshape(B, -1, *grid), presence))
+                seen = torch.zeros(B, N, dtype=torch.bool, device=device)
+                for b, t in enumerate(idx):
+                    seen[b, t] = True
+            canvas = self._place(canvas, [self._to_space(o) for o in outs], idx if xs is not None else None, N)
+            kind = "atm" if outs[0].presence is not None else "logits"
+            native[kind] = self._place(native.get(kind), [o.logits for o in outs], idx if xs is not None else None, N)
+            native_valid[kind] = native_valid.get(kind, seen) | seen
+            probs = [o.probs() for o in outs] if stage < S - 1 else []
+            stages.append(StageOutput(canvas.reshape(B, -1, *grid), presence,
+                                      native[kind].reshape(B, -1, *grid), native_valid[kind].reshape(B, *grid)))
 
             # ---- exit decisions (never after the last stage)
             if stage < S - 1 and self.p0[stage] < 1.0:
@@ -212,6 +226,16 @@ class DToPSegmentor(nn.Module):
         return SegmentationOutput(logits=logits, token_logits=canvas.reshape(B, -1, *grid),
                                   exit_stage=exit_stage.reshape(B, *grid), tokens_per_block=tokens_per_block,
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)
+
+    @staticmethod
+    def _place(old: Optional[Tensor], values: list[Tensor], idx: Optional[list[Tensor]], N: int) -> Tensor:
+        """New canvas (B, K, N): ``values[0]`` for the whole batch when ``idx`` is None, else each image's
+        values (1, K, n_b) written over ``old`` (zeros when None) at its kept indices."""
+        if idx is None:
+            return values[0]
+        if old is None:
+            old = values[0].new_zeros(len(values), values[0].shape[1], N)
+        return torch.cat([scatter_tokens(old[b:b + 1], idx[b], v) for b, v in enumerate(values)])
 
     def _exits(self, probs: list[Tensor], stage: int) -> list[Tensor]:
         """Exit masks, one (n_b,) bool tensor per image, from the stage's per-class probabilities."""

@@ -1,0 +1,168 @@
+"""Experiment configs: dataclasses read from YAML, overridden with ``--set key=value``, dumped beside
+every checkpoint and result."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """A preset (``dtop models``) and overrides of any ``SegmentorConfig`` field (stages, topk, ...)."""
+
+    preset: str = "segvit_vit_t16"
+    pretrained: Union[bool, str] = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Dataset (``dtop.data.DATASETS``), its options, and the train/eval pipelines."""
+
+    name: str = "synthetic"
+    root: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    val_options: dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [128, 192])
+    scale: Optional[list[int]] = None
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    eval_scale: Optional[list[int]] = None
+    num_workers: int = 2
+
+
+@dataclass
+class TrainSection:
+    """scheme: ``dense`` (all heads, p0 = 1), ``finetune`` (load ``init_checkpoint``, a trained dense
+    model, and train with pruning at ``p0``), ``scratch`` (pruning at ``p0`` from the start)."""
+
+    scheme: str = "dense"
+    init_checkpoint: Optional[str] = None
+    p0: Union[float, list[float]] = 0.9
+    iters: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    warmup_iters: int = 100
+    poly_power: float = 0.9
+    grad_clip: Optional[float] = None
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    seed: int = 0
+    log_interval: int = 20
+    ckpt_interval: int = 200
+    device: str = "auto"
+
+
+@dataclass
+class EvalSection:
+    """mode ``whole`` (pad to the patch size) or ``slide`` (window/stride, overlaps averaged)."""
+
+    mode: str = "whole"
+    window: list[int] = field(default_factory=lambda: [512, 512])
+    stride: list[int] = field(default_factory=lambda: [341, 341])
+    p0: list[float] = field(default_factory=lambda: [0.9])
+    max_images: Optional[int] = None
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    out_dir: str = "runs/experiment"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.train.scheme not in ("dense", "finetune", "scratch"):
+            raise ConfigError(f"train.scheme must be dense, finetune or scratch, got {self.train.scheme!r}")
+        if self.train.scheme == "finetune" and not self.train.init_checkpoint:
+            raise ConfigError("train.scheme=finetune needs train.init_checkpoint (a trained dense checkpoint)")
+        if self.eval.mode not in ("whole", "slide"):
+            raise ConfigError(f"eval.mode must be whole or slide, got {self.eval.mode!r}")
+        for name in ("iters", "batch_size", "grad_accum"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Recursively build dataclass ``cls`` from a dict, rejecting unknown keys with their full path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {path or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"known keys{' of ' + path if path else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        sub = f"{path}.{key}" if path else key
+        kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else value
+    return cls(**kwargs)
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = d
+    for i, k in enumerate(keys[:-1]):
+        if not isinstance(node.get(k), dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a config section")
+        node = node[k]
+    if keys[-1] not in node and not (len(keys) > 1 and keys[-2] in ("overrides", "options", "val_options")):
+        raise ConfigError(f"--set {dotted}: unknown config key {dotted!r}")
+    node[keys[-1]] = value
+
+
+def load_config(path: Optional[Union[str, Path]] = None, sets: Optional[list[str]] = None) -> ExperimentConfig:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+    d = ExperimentConfig().to_dict()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        _build(ExperimentConfig, loaded, "")  # unknown keys are reported against the file's own text
+        _merge(d, loaded)
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set(d, key.strip(), yaml.safe_load(raw))
+    cfg = _build(ExperimentConfig, d, "")
+    cfg.validate()
+    return cfg
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("overrides", "options", "val_options"):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def save_config(cfg: ExperimentConfig, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

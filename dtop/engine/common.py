@@ -1,0 +1,75 @@
+"""Pieces shared by training and evaluation: devices, distributed setup, model and dataset building."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import DataSection, ExperimentConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.device:
+    """``auto``: CUDA (the process's local rank) when available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist_info is not None and dist_info.world_size > 1:
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int):
+    from ..models import create_model
+
+    return create_model(cfg.model.preset, num_classes=num_classes, pretrained=cfg.model.pretrained,
+                        **cfg.model.overrides)
+
+
+def build_dataset(data: DataSection, split: str, train: bool, **extra: Any):
+    """The configured dataset with its train or eval pipeline."""
+    from ..data import EvalTransform, TrainTransform, build_dataset as _build
+
+    if train:
+        transform = TrainTransform(crop_size=tuple(data.crop_size), scale=tuple(data.scale) if data.scale else None,
+                                   ratio_range=tuple(data.ratio_range), cat_max_ratio=data.cat_max_ratio,
+                                   photometric=data.photometric, mean=tuple(data.mean), std=tuple(data.std))
+        options = dict(data.options)
+    else:
+        transform = EvalTransform(scale=tuple(data.eval_scale) if data.eval_scale else None,
+                                  mean=tuple(data.mean), std=tuple(data.std))
+        options = {**data.options, **data.val_options}
+    if data.root is not None:
+        options["root"] = data.root
+    return _build(data.name, split=split, transform=transform, **options, **extra)
+
+
+def progress_enabled(dist_info: Optional[DistInfo] = None) -> bool:
+    """Progress bars only on a terminal, and only on the main process."""
+    return sys.stderr.isatty() and (dist_info is None or dist_info.is_main)

@@ -1,0 +1,224 @@
+"""Evaluation: whole-image or sliding-window inference, mIoU from a dataset-wide histogram
+(as mmsegmentation computes it), per-image GFLOPs and exit fractions."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ..config import EvalSection, ExperimentConfig
+from ..flops import dense_flops
+
+
+@dataclass
+class Prediction:
+    """logits: (K, H, W) at the image's size; gflops: this image's total; exit_fractions: (S,)."""
+
+    logits: Tensor
+    gflops: float
+    exit_fractions: Tensor
+
+
+def _windows(H: int, W: int, window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """mmseg-style sliding windows (y1, y2, x1, x2) covering an H x W image."""
+    wh, ww = min(window[0], H), min(window[1], W)
+    sh, sw = stride
+    rows = max(H - wh + sh - 1, 0) // sh + 1
+    cols = max(W - ww + sw - 1, 0) // sw + 1
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            y1 = min(r * sh, H - wh)
+            x1 = min(c * sw, W - ww)
+            out.append((y1, y1 + wh, x1, x1 + ww))
+    return out
+
+
+def _pad_to(x: Tensor, multiple: int) -> Tensor:
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, (-W) % multiple, 0, (-H) % multiple))
+
+
+@torch.no_grad()
+def predict(model, image: Tensor, ecfg: EvalSection, dense: bool = False, max_batch: int = 8) -> Prediction:
+    """Scores for one normalised image (3, H, W). ``dense`` runs the plain model (no auxiliary heads)."""
+    H, W = image.shape[-2:]
+    p = model.backbone.patch_size
+    boxes = [(0, H, 0, W)] if ecfg.mode == "whole" else _windows(H, W, ecfg.window, ecfg.stride)
+    crops = torch.stack([_pad_to(image[:, y1:y2, x1:x2], p) for y1, y2, x1, x2 in boxes])
+    K, S = model.num_classes, model.num_stages
+    summed = image.new_zeros(K, H, W)
+    count = image.new_zeros(1, H, W)
+    gflops = 0.0
+    exits = torch.zeros(S)
+    for start in range(0, len(boxes), max_batch):
+        chunk = crops[start:start + max_batch]
+        if dense:
+            logits = model.forward_dense(chunk)
+            gflops += len(chunk) * dense_flops(model, tuple(chunk.shape[-2:]), final_head_only=True) / 1e9
+            exits[-1] += len(chunk)
+        else:
+            out = model(chunk)
+            logits = out.logits
+            gflops += float(out.gflops.sum())
+            exits += out.exit_fractions().sum(0).cpu()
+        for (y1, y2, x1, x2), lg in zip(boxes[start:start + max_batch], logits):
+            summed[:, y1:y2, x1:x2] += lg[:, : y2 - y1, : x2 - x1].float()
+            count[:, y1:y2, x1:x2] += 1
+    return Prediction(summed / count, gflops, exits / len(boxes))
+
+
+def intersection_union(hist: Tensor) -> dict[str, Any]:
+    """Metrics from a (K, K) histogram hist[label, prediction]: IoU/Acc per class (NaN where the class
+    never occurs in labels or predictions), their nan-means, and overall pixel accuracy."""
+    hist = hist.double()
+    tp = hist.diag()
+    union = hist.sum(0) + hist.sum(1) - tp
+    iou = tp / union  # 0/0 -> NaN for absent classes
+    acc = tp / hist.sum(1)
+    return {"iou": iou, "acc": acc, "miou": float(torch.nanmean(iou)), "macc": float(torch.nanmean(acc)),
+            "aacc": float(tp.sum() / hist.sum().clamp_min(1))}
+
+
+def update_histogram(hist: Tensor, pred: Tensor, label: Tensor, ignore_index: int = 255) -> None:
+    K = hist.shape[0]
+    valid = label != ignore_index
+    hist += torch.bincount(label[valid] * K + pred[valid], minlength=K * K).reshape(K, K).to(hist)
+
+
+def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: bool = False,
+             progress: bool = False, desc: str = "eval") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate ``model`` on ``dataset``; returns (metrics, per-image rows)."""
+    model.eval().to(device)
+    K = model.num_classes
+    if dataset.num_classes != K:
+        raise ValueError(f"dataset has {dataset.num_classes} classes, the model {K}")
+    hist = torch.zeros(K, K, dtype=torch.long)
+    rows: list[dict[str, Any]] = []
+    n = len(dataset) if ecfg.max_images is None else min(len(dataset), ecfg.max_images)
+    exit_sum = torch.zeros(model.num_stages)
+    for i in tqdm(range(n), desc=desc, disable=not progress):
+        sample = dataset[i]
+        label = sample["label"]
+        pred_out = predict(model, sample["image"].to(device), ecfg, dense=dense)
+        logits = pred_out.logits
+        if logits.shape[-2:] != label.shape[-2:]:
+            logits = F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
+        pred = logits.argmax(0).cpu()
+        update_histogram(hist, pred, label, dataset.ignore_index)
+        valid = label != dataset.ignore_index
+        acc = float((pred[valid] == label[valid]).float().mean()) if valid.any() else math.nan
+        exit_sum += pred_out.exit_fractions
+        rows.append({"file": sample["name"], "gflops": round(pred_out.gflops, 4), "pixel_acc": round(acc, 5),
+                     **{f"exit_s{s}": round(float(f), 5) for s, f in enumerate(pred_out.exit_fractions)}})
+    m = intersection_union(hist)
+    names = list(getattr(dataset, "classes", [str(c) for c in range(K)]))
+    metrics = {
+        "miou": round(100 * m["miou"], 3), "macc": round(100 * m["macc"], 3), "aacc": round(100 * m["aacc"], 3),
+        "per_class_iou": {c: _pct(v) for c, v in zip(names, m["iou"])},
+        "per_class_acc": {c: _pct(v) for c, v in zip(names, m["acc"])},
+        "gflops": round(sum(r["gflops"] for r in rows) / max(1, len(rows)), 4),
+        "exit_fractions": [round(float(f), 5) for f in exit_sum / max(1, len(rows))],
+        "num_images": len(rows), "variant": "dense" if dense else "dtop",
+        "p0": None if dense else model.p0,
+    }
+    return metrics, rows
+
+
+def _pct(v: Tensor) -> Optional[float]:
+    v = float(v)
+    return None if math.isnan(v) else round(100 * v, 3)
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    from .. import __version__
+
+    return {"dtop": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def class_table(metrics: dict[str, Any]) -> str:
+    """An mmsegmentation-style per-class table plus the summary line."""
+    names = list(metrics["per_class_iou"])
+    width = max(9, *(len(n) for n in names))
+    line = f"+{'-' * (width + 2)}+-------+-------+"
+    out = [line, f"| {'Class':^{width}} |  IoU  |  Acc  |", line]
+    for n in names:
+        iou, acc = metrics["per_class_iou"][n], metrics["per_class_acc"][n]
+        out.append(f"| {n:>{width}} | {_fmt(iou)} | {_fmt(acc)} |")
+    out.append(line)
+    out.append(f"aAcc {metrics['aacc']:.2f}  mIoU {metrics['miou']:.2f}  mAcc {metrics['macc']:.2f}  "
+               f"GFLOPs {metrics['gflops']:.3f}  exits per stage {metrics['exit_fractions']}")
+    return "\n".join(out)
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "  nan" if v is None else f"{v:5.2f}"
+
+
+def write_results(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
+    """``metrics.json`` (with the resolved config and library versions) and ``per_image.csv``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps({**metrics, "config": cfg.to_dict(), "versions": versions()},
+                                                     indent=1))
+    with open(out_dir / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float], with_dense: bool = True,
+                   out_dir: Optional[Path] = None, dense_checkpoint: Optional[str] = None,
+                   verbose: bool = True) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint densely and at each p0; writes ``<out>/<variant>/{metrics.json,per_image.csv}``
+    and ``<out>/summary.json``; returns the summary rows (name, p0, miou, gflops, reduction, exits)."""
+    from ..checkpoint import load_model
+    from .common import build_dataset, progress_enabled, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    variants: list[tuple[str, Optional[float], str]] = []
+    if with_dense:
+        variants.append(("dense", None, dense_checkpoint or checkpoint))
+    variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
+    summary: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    for name, p0, ckpt in variants:
+        model = models.get(ckpt) or load_model(ckpt, device)
+        models[ckpt] = model
+        if p0 is not None:
+            model.set_p0(p0)
+        metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=p0 is None,
+                                 progress=progress_enabled(), desc=name)
+        write_results(out_dir / name, metrics, rows, cfg)
+        if verbose:
+            print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
+        summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
+                        "exit_fractions": metrics["exit_fractions"]})
+    base = summary[0]["gflops"] if with_dense else None
+    for row in summary:
+        row["reduction_pct"] = round(100 * (1 - row["gflops"] / base), 2) if base else None
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| variant | p0 | mIoU | GFLOPs | reduction | tokens exited per stage |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        red = "" if r.get("reduction_pct") is None else f"{r['reduction_pct']:.1f}%"
+        exits = " / ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
+        out.append(f"| {r['name']} | {'' if r['p0'] is None else r['p0']} | {r['miou']:.2f} | {r['gflops']:.3f} | "
+                   f"{red} | {exits} |")
+    return "\n".join(out)

@@ -1,0 +1,181 @@
+"""Training: AdamW with a head lr multiplier, linear warm-up + poly decay, gradient accumulation,
+mixed precision on CUDA, DDP under torchrun, atomic checkpoints and exact resume.
+
+Schemes (DESIGN.md section 3): ``dense`` trains every stage head with p0 = 1; ``finetune``
+("@Finetune") starts from a trained dense checkpoint and trains with pruning on; ``scratch``
+("@Scratch") trains with pruning on from the start. Exit decisions are taken under no_grad.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from ..checkpoint import check_and_load, load_checkpoint, save_atomic
+from ..config import ExperimentConfig, save_config
+from ..errors import CheckpointError
+from .common import DistInfo, build_dataset, build_model, init_distributed, progress_enabled, resolve_device
+from .losses import segmentation_loss
+
+LAST = "last.pt"
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Backbone at ``lr``, heads at ``lr * head_lr_mult``; no weight decay on norms, biases,
+    position embeddings, CLS tokens and class queries/embeddings."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = name.startswith("heads.")
+        no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token", ".query", ".cls_emb"))
+        groups.setdefault((is_head, no_decay), []).append(p)
+    return [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if nd else weight_decay}
+            for (head, nd), ps in groups.items()]
+
+
+def lr_factor(it: int, total: int, warmup: int, power: float, warmup_ratio: float = 1e-6) -> float:
+    """Linear warm-up from ``warmup_ratio`` to 1 over ``warmup`` iterations, then poly decay to 0."""
+    if it < warmup:
+        return warmup_ratio + (1 - warmup_ratio) * it / warmup
+    return (1 - (it - warmup) / max(1, total - warmup)) ** power if total > warmup else 1.0
+
+
+def _batches(loader: DataLoader, sampler, epoch: int) -> Iterator[dict[str, Any]]:
+    while True:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+        epoch += 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
+    """Train as configured; returns the path of the final checkpoint (``out_dir/last.pt``)."""
+    cfg.validate()
+    tc = cfg.train
+    dist_info = init_distributed(tc.device)
+    device = resolve_device(tc.device, dist_info)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(tc.seed + dist_info.rank)
+
+    dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    model = build_model(cfg, dataset.num_classes)
+    model.set_p0(1.0 if tc.scheme == "dense" else tc.p0)
+    ckpt_path = out_dir / LAST
+    start_iter = 0
+    state: Optional[dict[str, Any]] = None
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        check_and_load(model, state["model"], source=str(ckpt_path))
+        start_iter = int(state["iter"])
+    elif resume:
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to resume from")
+    elif tc.init_checkpoint:
+        _load_init(model, tc.init_checkpoint, dist_info)
+    model.to(device).train()
+
+    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.weight_decay, tc.head_lr_mult), lr=tc.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, tc.iters, tc.warmup_iters, tc.poly_power))
+    use_amp = tc.amp and device.type == "cuda"
+    amp_dtype = getattr(torch, tc.amp_dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+
+    ddp_model: nn.Module = model
+    if dist_info.world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    sampler = DistributedSampler(dataset, seed=tc.seed) if dist_info.world_size > 1 else RandomSampler(dataset)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        drop_last=len(dataset) >= tc.batch_size * dist_info.world_size,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    batches = _batches(loader, sampler, epoch=start_iter)
+
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    log_file = out_dir / "train_log.jsonl"
+    bar = tqdm(total=tc.iters, initial=start_iter, desc=f"train {tc.scheme}", disable=not progress_enabled(dist_info))
+    t0 = time.time()
+    for it in range(start_iter, tc.iters):
+        parts: dict[str, float] = {}
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            sync = micro == tc.grad_accum - 1 or not isinstance(ddp_model, nn.parallel.DistributedDataParallel)
+            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    out = ddp_model(images)
+                loss, parts = segmentation_loss(out, labels)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"loss is {float(loss.detach())} at iteration {it}: {parts}")
+                scaler.scale(loss / tc.grad_accum).backward()
+            total += float(loss.detach()) / tc.grad_accum
+        if tc.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done = it + 1
+        bar.update(1)
+        if dist_info.is_main and (done % tc.log_interval == 0 or done == tc.iters):
+            record = {"iter": done, "loss": round(total, 5), "lr": optimizer.param_groups[0]["lr"],
+                      "s_per_iter": round((time.time() - t0) / (done - start_iter), 4), **parts}
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{total:.3f}")
+            if not progress_enabled(dist_info):
+                print(f"iter {done}/{tc.iters} loss {total:.4f} lr {record['lr']:.2e} "
+                      f"{record['s_per_iter']:.2f} s/it", flush=True)
+        if done % tc.ckpt_interval == 0 or done == tc.iters:
+            if dist_info.is_main:
+                save_atomic({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                             "config": cfg.to_dict(), "iter": done, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "rng": torch.get_rng_state()}, ckpt_path)
+            if dist_info.world_size > 1:
+                dist.barrier()
+    bar.close()
+    if dist_info.world_size > 1:
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
+    """Initial weights: a dtop checkpoint (trained dense model for @Finetune) or a published
+    Segmenter/SegViT checkpoint (converted by :mod:`dtop.convert`)."""
+    from ..checkpoint import _read
+
+    raw = _read(path)
+    if isinstance(raw, dict) and "model_config" in raw and "model" in raw:
+        check_and_load(model, raw["model"], source=path)
+        return
+    from ..convert import load_into
+
+    report = load_into(model, path)
+    if dist_info.is_main and report.get("initialised"):
+        print(f"{path}: converted; left at initialisation: {', '.join(report['initialised'])}")
