@@ -202,3 +202,14 @@ def test_demo_fast_end_to_end(tmp_path):
     csv_lines = (tmp_path / "demo" / "eval" / "dtop_p0_0.9" / "per_image.csv").read_text().splitlines()
     assert csv_lines[0].startswith("file,gflops,pixel_acc,exit_s0") and len(csv_lines) == 1 + metrics["num_images"]
     assert "| variant | p0 | mIoU | GFLOPs |" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_build(path):
+    from dtop.models import create_model
+
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = create_model(cfg.model.preset, num_classes=7, **cfg.model.overrides)
+    assert model.num_stages >= 2
+
