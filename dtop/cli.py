@@ -72,7 +72,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0
-    rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out)
+    rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out,
+                          dense_checkpoint=args.dense_checkpoint)
     print("\n" + summary_table(rows))
 
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--p0", type=float, nargs="+", default=None, help="thresholds (default: eval.p0 of the config)")
     sp.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    sp.add_argument("--dense-checkpoint", default=None,
+                    help="model for the dense baseline (default: --checkpoint run without auxiliary heads)")
     sp.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(func=_cmd_eval)

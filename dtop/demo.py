@@ -13,15 +13,17 @@ P0S = (0.8, 0.9, 0.95)
 
 
 def demo_config(out_dir: str, fast: bool = False) -> ExperimentConfig:
-    """A tiny SegViT-style model (ViT-Tiny layout, 8 blocks, ATM heads after blocks 3, 5, 7) on
-    synthetic 128 x 192 scenes. ``fast`` shrinks everything for tests (minutes -> seconds)."""
+    """A tiny model (ViT-Tiny layout, 8 blocks, linear stage heads after blocks 3, 5, 7) on synthetic
+    128 x 192 scenes. ``fast`` shrinks everything for tests (minutes -> seconds).
+
+    Linear heads, because from scratch on a CPU they learn in hundreds of iterations where ATM heads
+    need thousands (measured: pixel accuracy 0.72 vs 0.55 after 100 iterations, at 0.24 vs 0.38 s/it)."""
     cfg = load_config()
     cfg.out_dir = out_dir
     cfg.model.preset = "segvit_vit_t16"
     cfg.model.overrides = {
         "backbone_kwargs": {"depth": 8} if not fast else {"depth": 4, "embed_dim": 64, "num_heads": 2},
-        "stages": [{"block": b, "head": "atm", "head_kwargs": {"dim": 128 if not fast else 32, "num_layers": 1}}
-                   for b in ((3, 5, 7) if not fast else (1, 2, 3))],
+        "stages": [{"block": b, "head": "linear"} for b in ((3, 5, 7) if not fast else (1, 2, 3))],
     }
     cfg.data.name = "synthetic"
     cfg.data.options = {"num_images": 2000 if not fast else 16, "size": [128, 192], "seed": 0}
@@ -30,12 +32,12 @@ def demo_config(out_dir: str, fast: bool = False) -> ExperimentConfig:
     cfg.data.ratio_range = [0.75, 1.5]
     cfg.data.num_workers = 1 if not fast else 0
     cfg.train.batch_size = 8 if not fast else 2
-    cfg.train.iters = 1600 if not fast else 4
-    cfg.train.lr = 5e-4
+    cfg.train.iters = 1200 if not fast else 4
+    cfg.train.lr = 8e-4
     cfg.train.head_lr_mult = 1.0
     cfg.train.warmup_iters = 100 if not fast else 1
     cfg.train.log_interval = 100 if not fast else 2
-    cfg.train.ckpt_interval = 400 if not fast else 4
+    cfg.train.ckpt_interval = 300 if not fast else 4
     cfg.eval.p0 = list(P0S)
     return cfg
 

@@ -13,6 +13,7 @@ the mask transformer uses timm ``Block``s whose fused attention can be switched 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -127,8 +128,9 @@ class MaskTransformerHead(nn.Module):
         self.scale = dim ** -0.5
         self.proj_dec = nn.Linear(in_dim, dim)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
-        self.blocks = nn.ModuleList(Block(dim, num_heads or max(1, dim // 64), mlp_ratio=mlp_ratio)
-                                    for _ in range(num_layers))
+        # Segmenter's decoder blocks: qkv with bias, LayerNorm eps 1e-5 (so published weights convert exactly)
+        self.blocks = nn.ModuleList(Block(dim, num_heads or max(1, dim // 64), mlp_ratio=mlp_ratio, qkv_bias=True,
+                                          norm_layer=partial(nn.LayerNorm, eps=1e-5)) for _ in range(num_layers))
         self.decoder_norm = nn.LayerNorm(dim)
         self.proj_patch = nn.Parameter(self.scale * torch.randn(dim, dim))
         self.proj_classes = nn.Parameter(self.scale * torch.randn(dim, dim))
