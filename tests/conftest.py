@@ -33,7 +33,7 @@ def stage_confidence(model: DToPSegmentor, images_: torch.Tensor, stage: int = 0
     x, _ = model.backbone.embed(images_)
     for blk in model.backbone.blocks[: model.stage_blocks[stage] + 1]:
         x = blk(x)
-    return confidence(model._decode(stage, x).probs())[0]
+    return confidence(model._decode(stage, x[:, model.backbone.prefix_in_blocks:]).probs())[0]
 
 
 def p0_at_quantile(model, images_, q=0.5, stage=0) -> float:

@@ -56,7 +56,7 @@ def test_presets_analytic_equals_fvcore(name):
     with torch.no_grad():
         out = model(x)
     assert round(out.gflops.item() * 1e9) == fvcore_count(model, x)
-    assert round(out.gflops.item() * 1e9) == dense_flops(model, (48, 80))
+    assert round(out.gflops.item() * 1e9) == dense_flops(model, (48, 80), final_head_only=True)  # idle heads skipped
 
 
 @pytest.mark.parametrize("name,crop,k,final_only,ref", PAPER_TABLE)

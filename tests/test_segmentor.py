@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import CLS_MODES, images, p0_at_quantile, stage_confidence, tiny_model
+from dtop.flops import dense_flops
 from dtop.pruning import confidence, gather_tokens
 
 
@@ -18,8 +19,16 @@ def test_no_pruning_equals_dense(head_set, cls_mode):
     N = 4 * 6
     P = 1 if cls_mode == "segmenter" else 0
     assert (out.tokens_per_block == N + P).all()
-    assert (out.head_tokens == N).all()
+    # in eval, heads where no token can leave are skipped (the final head overwrites them)
+    assert out.head_tokens.tolist() == [[0, 0, N]] * 2 and len(out.stages) == 1
     assert (out.exit_stage == 2).all()
+    assert (out.gflops == out.gflops.new_tensor(dense_flops(model, (64, 96), final_head_only=True) / 1e9)).all()
+    # in training every stage head runs (each has a loss), and the output is still the dense one
+    model.train()
+    with torch.no_grad():
+        train_out = model(x)
+    assert (train_out.head_tokens == N).all() and len(train_out.stages) == 3
+    torch.testing.assert_close(train_out.logits, dense, atol=1e-5, rtol=0)
 
 
 def test_p0_above_one_and_per_stage_list_also_disable_pruning():
@@ -46,7 +55,7 @@ def _run_reference(model, x, out):
             for blk in model.backbone.blocks[prev + 1: block + 1]:
                 xb = blk(xb)
             prev = block
-            head_out = model._decode(s, xb)
+            head_out = model._decode(s, xb[:, P:])
             vals = head_out.probs() if model.space == "prob" else head_out.logits
             full = torch.full((1, model.num_classes, N), float("nan"))
             full[:, :, kept] = vals
@@ -97,7 +106,7 @@ def _stage0_probs(model, x):
     feats, _ = model.backbone.embed(x)
     for blk in model.backbone.blocks[: model.stage_blocks[0] + 1]:
         feats = blk(feats)
-    return model._decode(0, feats).probs()
+    return model._decode(0, feats[:, model.backbone.prefix_in_blocks:]).probs()
 
 
 @pytest.mark.parametrize("cls_mode", CLS_MODES)

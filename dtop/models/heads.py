@@ -57,15 +57,18 @@ class QueryAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, xq: Tensor, xkv: Tensor) -> tuple[Tensor, Tensor]:
-        """xq (B, Q, d), xkv (B, n, d) -> out (B, Q, d), logits (B, Q, n)."""
+    def forward(self, xq: Tensor, xkv: Tensor, key_valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """xq (B, Q, d), xkv (B, n, d), key_valid (B, n) bool or None -> out (B, Q, d), logits (B, Q, n).
+
+        Keys where ``key_valid`` is False (padding) take no part in the softmax."""
         B, Q, d = xq.shape
         h = self.num_heads
         q = self.q(xq).reshape(B, Q, h, d // h).transpose(1, 2)
         k = self.k(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
         v = self.v(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
         logits = (q * self.scale) @ k.transpose(-2, -1)
-        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, Q, d)
+        weights = logits if key_valid is None else logits.masked_fill(~key_valid[:, None, None], float("-inf"))
+        out = (weights.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, Q, d)
         return self.proj(out), logits.mean(dim=1)
 
 
@@ -82,9 +85,9 @@ class ATMDecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, q: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, x: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         q = self.norm1(q + self.self_attn(q, q)[0])
-        out, mask_logits = self.cross_attn(q, x)
+        out, mask_logits = self.cross_attn(q, x, valid)
         q = self.norm2(q + out)
         q = self.norm3(q + self.ffn(q))
         return q, mask_logits
@@ -108,12 +111,13 @@ class ATMHead(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> HeadOutput:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
+        """x (B, n, C); valid (B, n) bool marks real tokens when the batch is padded."""
         x = self.proj_norm(self.input_proj(x))
         q = self.query.expand(x.shape[0], -1, -1)
         mask_logits = x.new_zeros(0)
         for layer in self.layers:
-            q, mask_logits = layer(q, x)
+            q, mask_logits = layer(q, x, valid)
         return HeadOutput(logits=mask_logits, presence=self.presence(q))
 
 
@@ -137,11 +141,15 @@ class MaskTransformerHead(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.cls_emb, std=0.02)
 
-    def forward(self, x: Tensor) -> HeadOutput:
-        n = x.shape[1]
-        x = torch.cat([self.proj_dec(x), self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
+        """x (B, n, C); valid (B, n) bool marks real tokens when the batch is padded."""
+        B, n = x.shape[:2]
+        x = torch.cat([self.proj_dec(x), self.cls_emb.expand(B, -1, -1)], dim=1)
+        mask = None
+        if valid is not None:
+            mask = torch.cat([valid, valid.new_ones(B, self.num_classes)], dim=1)[:, None, None]
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=mask)
         x = self.decoder_norm(x)
         patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
         classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
@@ -160,7 +168,8 @@ class LinearHead(nn.Module):
         trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x: Tensor) -> HeadOutput:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
+        """Per token: padding (``valid``) needs no special care."""
         return HeadOutput(logits=self.fc(self.norm(x)).transpose(1, 2))
 
 

@@ -9,8 +9,9 @@ Forward pass (DESIGN.md section 1), per image ``b``:
    later block (neither query nor key) and from every later head.
 3. The final map is the canvas: each token holds the scores of the stage where it left.
 
-Reference execution (this module): while no token has exited, the batch runs together;
-after the first exit each image runs its own gather -> blocks -> scatter, which is exact.
+Execution: while no token has exited, the batch runs together; after the first exit the kept tokens
+run per image (the exact reference, default on CPU), padded with a key mask, or packed with
+variable-length attention (default on CUDA): see :mod:`dtop.pruning.execution`.
 
 Score space of the canvas (see :func:`score_space`):
 
@@ -23,14 +24,15 @@ Score space of the canvas (see :func:`score_space`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..pruning import confidence, gather_tokens, keep_indices, scatter_tokens, select_exits
+from ..pruning import confidence, scatter_tokens, select_exits
+from ..pruning.execution import PATHS, PaddedTokens, default_path, switch_layout
 from .backbone import ViTBackbone
 from .config import SegmentorConfig
 from .heads import HEADS, HeadOutput, atm_scores
@@ -79,7 +81,7 @@ class SegmentationOutput:
 
     def exit_fractions(self) -> Tensor:
         """(B, num_stages) fraction of tokens finalised at each stage."""
-        S = len(self.stages)
+        S = self.head_tokens.shape[1]
         flat = self.exit_stage.flatten(1)
         return F.one_hot(flat, S).float().mean(dim=1)
 
@@ -112,6 +114,11 @@ class DToPSegmentor(nn.Module):
         self.space = score_space([s.head for s in cfg.stages])
         self.p0 = cfg.p0_per_stage()
         self.topk = cfg.topk
+        self.execution = "auto"  # layout of the kept tokens after the first exit (dtop.pruning.execution)
+        self.bucket = False  # padded layout only: group images of similar kept length
+        # Optional override of the exit decisions: fn(stage, conf (B, L), valid (B, L)) -> exits (B, L) bool
+        # (benchmarks force exit patterns with it).
+        self.force_exit: Optional[Callable[[int, Tensor, Tensor], Tensor]] = None
 
     @property
     def num_classes(self) -> int:
@@ -121,18 +128,24 @@ class DToPSegmentor(nn.Module):
     def num_stages(self) -> int:
         return len(self.heads)
 
+    def set_execution(self, path: str = "auto", bucket: bool = False) -> None:
+        """``auto`` (per_image on CPU, packed on CUDA), ``per_image``, ``padded`` or ``packed``."""
+        if path not in PATHS:
+            raise ConfigError(f"unknown execution path {path!r}; choose from {', '.join(PATHS)}")
+        self.execution, self.bucket = path, bucket
+
     def set_p0(self, p0) -> None:
         """Set the exit threshold(s): a float for every non-final stage or a list, one per non-final stage."""
         self.cfg.p0 = p0
         self.p0 = self.cfg.p0_per_stage()
 
     # ------------------------------------------------------------------ pieces
-    def _decode(self, stage: int, x: Tensor) -> HeadOutput:
-        """Run stage head ``stage`` on block output ``x`` (B, prefix + n, C): prefix dropped, final norm on the last stage."""
-        x = x[:, self.backbone.prefix_in_blocks:]
+    def _decode(self, stage: int, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
+        """Run stage head ``stage`` on patch tokens ``x`` (B, n, C) (final norm first on the last stage);
+        ``valid`` (B, n) marks real tokens in a padded batch."""
         if stage == self.num_stages - 1 and self.cfg.final_norm:
             x = self.backbone.final_norm(x)
-        return self.heads[stage](x)
+        return self.heads[stage](x, valid)
 
     def _to_space(self, out: HeadOutput) -> Tensor:
         return out.probs() if self.space == "prob" else out.logits
@@ -149,72 +162,62 @@ class DToPSegmentor(nn.Module):
         x, grid = self.backbone.embed(images)
         for blk in self.backbone.blocks[: self.stage_blocks[-1] + 1]:
             x = blk(x)
-        out = self._decode(self.num_stages - 1, x)
+        out = self._decode(self.num_stages - 1, x[:, self.backbone.prefix_in_blocks:])
         return self._finalise(self._to_space(out), out.presence, grid, tuple(images.shape[-2:]))
 
     def forward(self, images: Tensor) -> SegmentationOutput:
-        """DToP forward, reference path (exact). images (B, 3, H, W), H and W multiples of the patch size."""
+        """DToP forward. images (B, 3, H, W), H and W multiples of the patch size.
+
+        While no token has left, the batch runs as one tensor; after the first exit the kept tokens
+        run in the layout of ``self.execution`` (see :mod:`dtop.pruning.execution`)."""
         x, grid = self.backbone.embed(images)
         B, device = x.shape[0], x.device
         N = grid[0] * grid[1]
-        P = self.backbone.prefix_in_blocks
         S = self.num_stages
-        last_block = self.stage_blocks[-1]
+        path = self.execution if self.execution != "auto" else default_path(device)
+        state = PaddedTokens.full(x, self.backbone.prefix_in_blocks, N)
+        switched = False
         tokens_per_block = torch.zeros(B, self.backbone.depth, dtype=torch.long)
         head_tokens = torch.zeros(B, S, dtype=torch.long)
-        exit_stage = torch.full((B, N), S - 1, dtype=torch.long, device=device)
-
-        # Either one batch tensor (no token has left yet) or per-image tensors with their kept indices.
-        xs: Optional[list[Tensor]] = None
-        idx: list[Tensor] = [torch.arange(N, device=device)] * B
+        exit_stage = torch.full((B, N + 1), S - 1, dtype=torch.long, device=device)  # column N: padding
         canvas: Optional[Tensor] = None
         native: dict[str, Tensor] = {}  # per head kind ("atm" mask logits, "logits"), for the stage losses
         native_valid: dict[str, Tensor] = {}
         stages: list[StageOutput] = []
         stage = 0
-        for i, blk in enumerate(self.backbone.blocks[: last_block + 1]):
-            if xs is None:
-                x = blk(x)
-                tokens_per_block[:, i] = x.shape[1]
-            else:
-                xs = [blk(xb) for xb in xs]
-                tokens_per_block[:, i] = torch.tensor([xb.shape[1] for xb in xs])
+        for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
+            state.run(blk)
+            tokens_per_block[:, i] = state.counts()
             if i != self.stage_blocks[stage]:
+                continue
+            final = stage == S - 1
+            if not final and not self.training and self.p0[stage] >= 1.0:
+                stage += 1  # no token can leave here, and a later head overwrites all it would write
                 continue
 
             # ---- stage head on the tokens in play, written to the canvas(es)
-            if xs is None:
-                out = self._decode(stage, x)
-                outs, presence = [out], out.presence
-                head_tokens[:, stage] = N
-                seen = torch.ones(B, N, dtype=torch.bool, device=device)
-            else:
-                outs = [self._decode(stage, xb) for xb in xs]
-                presence = torch.cat([o.presence for o in outs]) if outs[0].presence is not None else None
-                head_tokens[:, stage] = torch.tensor([len(t) for t in idx])
-                seen = torch.zeros(B, N, dtype=torch.bool, device=device)
-                for b, t in enumerate(idx):
-                    seen[b, t] = True
-            canvas = self._place(canvas, [self._to_space(o) for o in outs], idx if xs is not None else None, N)
-            kind = "atm" if outs[0].presence is not None else "logits"
-            native[kind] = self._place(native.get(kind), [o.logits for o in outs], idx if xs is not None else None, N)
+            out, pos, valid = state.decode(lambda t, v, s=stage: self._decode(s, t, v))
+            head_tokens[:, stage] = valid.sum(1).cpu()
+            canvas = _write(canvas, self._to_space(out), pos, N)
+            kind = "atm" if out.presence is not None else "logits"
+            native[kind] = _write(native.get(kind), out.logits, pos, N)
+            seen = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter(1, pos, valid)[:, :N]
             native_valid[kind] = native_valid.get(kind, seen) | seen
-            probs = [o.probs() for o in outs] if stage < S - 1 else []
-            stages.append(StageOutput(canvas.reshape(B, -1, *grid), presence,
+            stages.append(StageOutput(canvas.reshape(B, -1, *grid), out.presence,
                                       native[kind].reshape(B, -1, *grid), native_valid[kind].reshape(B, *grid)))
 
             # ---- exit decisions (never after the last stage)
-            if stage < S - 1 and self.p0[stage] < 1.0:
+            if not final and self.p0[stage] < 1.0:
                 with torch.no_grad():
-                    exits = self._exits(probs, stage)
-                if any(bool(e.any()) for e in exits):
-                    if xs is None:
-                        xs = [x[b:b + 1] for b in range(B)]
-                    for b, e in enumerate(exits):
-                        exit_stage[b, idx[b][e]] = stage
-                        keep = keep_indices(e)
-                        xs[b] = gather_tokens(xs[b], keep, offset=P)
-                        idx[b] = idx[b][keep]
+                    conf, label = confidence(out.probs().float())
+                    exits = select_exits(conf, label, self.p0[stage], self.topk, valid)
+                if self.force_exit is not None:
+                    exits = self.force_exit(stage, conf, valid)
+                if bool(exits.any()):
+                    exit_stage.scatter_(1, pos, torch.where(exits, stage, exit_stage.gather(1, pos)))
+                    state = state.prune(~exits)
+                    if not switched:
+                        state, switched = switch_layout(state, path, self.bucket), True
             stage += 1
 
         logits = self._finalise(canvas, stages[-1].presence, grid, tuple(images.shape[-2:]))
@@ -224,26 +227,16 @@ class DToPSegmentor(nn.Module):
                                                head_tokens[b].tolist()) / 1e9 for b in range(B)],
                               dtype=torch.float64)
         return SegmentationOutput(logits=logits, token_logits=canvas.reshape(B, -1, *grid),
-                                  exit_stage=exit_stage.reshape(B, *grid), tokens_per_block=tokens_per_block,
+                                  exit_stage=exit_stage[:, :N].reshape(B, *grid), tokens_per_block=tokens_per_block,
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)
 
-    @staticmethod
-    def _place(old: Optional[Tensor], values: list[Tensor], idx: Optional[list[Tensor]], N: int) -> Tensor:
-        """New canvas (B, K, N): ``values[0]`` for the whole batch when ``idx`` is None, else each image's
-        values (1, K, n_b) written over ``old`` (zeros when None) at its kept indices."""
-        if idx is None:
-            return values[0]
-        if old is None:
-            old = values[0].new_zeros(len(values), values[0].shape[1], N)
-        return torch.cat([scatter_tokens(old[b:b + 1], idx[b], v) for b, v in enumerate(values)])
 
-    def _exits(self, probs: list[Tensor], stage: int) -> list[Tensor]:
-        """Exit masks, one (n_b,) bool tensor per image, from the stage's per-class probabilities."""
-        masks = []
-        for p in probs:
-            conf, label = confidence(p.float())
-            masks.extend(select_exits(conf, label, self.p0[stage], self.topk).unbind(0))
-        return masks
+def _write(canvas: Optional[Tensor], values: Tensor, pos: Tensor, N: int) -> Tensor:
+    """Out-of-place write of ``values`` (B, K, L) at token positions ``pos`` (B, L; padding = N) into
+    ``canvas`` (B, K, N), or into zeros when ``canvas`` is None."""
+    B, K = values.shape[:2]
+    ext = values.new_zeros(B, K, N + 1) if canvas is None else F.pad(canvas.to(values.dtype), (0, 1))
+    return scatter_tokens(ext, pos, values)[:, :, :N]
 
 
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:
