@@ -77,6 +77,52 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("\n" + summary_table(rows))
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import load_images, run_bench
+    from .engine.common import resolve_device
+    from .errors import ConfigError
+    from .pruning.execution import default_path
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    if args.checkpoint:
+        from .checkpoint import load_model
+
+        if not args.images:
+            raise ConfigError("--checkpoint needs --images DIR (real images to prune)")
+        model = load_model(args.checkpoint)
+        if args.p0 is not None:
+            model.set_p0(args.p0)
+        images = load_images(args.images, tuple(args.size), args.batch)
+        fractions = None
+    else:
+        from .models import create_model
+
+        model = create_model(args.name, num_classes=args.num_classes, p0=0.5)
+        images = torch.randn(args.batch, 3, *args.size)
+        n = args.batch
+        fractions = args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)]
+    paths = args.paths or [default_path(device)] + [p for p in ("per_image", "packed", "padded") if p != default_path(device)]
+    result = run_bench(model, images, args.batch, paths, device, getattr(torch, args.dtype), args.warmup,
+                       args.repeats, fractions, bucket=args.bucket)
+    result["model"] = args.checkpoint or args.name
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']} at {args.size[0]}x{args.size[1]}, batch {args.batch}, {result['device']}, "
+          f"{result['dtype']}, {result['threads']} threads")
+    print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
+          f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
+    print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
+    print("| path | time ratio b1 | time ratio mixed | realised b1 | realised mixed | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for p, e in result["paths"].items():
+        print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {e['realised_batch1']} | "
+              f"{e['realised_mixed']} | {e['peak_mem_dtop_mb']} |")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -120,6 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(func=_cmd_eval)
+
+    sp = sub.add_parser("bench", help="wall-clock dense vs DToP: batch-1 latency, mixed-batch throughput, memory")
+    sp.add_argument("name", nargs="?", default="segvit_vit_b16", help="preset (ignored with --checkpoint)")
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--num-classes", type=int, default=150)
+    sp.add_argument("--checkpoint", help="a trained dtop checkpoint: prune real images at its p0")
+    sp.add_argument("--images", help="folder of images for --checkpoint")
+    sp.add_argument("--p0", type=float, default=None, help="with --checkpoint: threshold to use")
+    sp.add_argument("--exit-fractions", type=float, nargs="+", default=None,
+                    help="forced per-image fractions of tokens leaving at the first exit stage "
+                         "(default: a spread 0.1 ... 0.7 across the batch)")
+    sp.add_argument("--paths", nargs="+", choices=["per_image", "padded", "packed"], default=None,
+                    help="execution layouts to measure (default: all, the device's default first)")
+    sp.add_argument("--bucket", action="store_true", help="padded layout: bucket images by kept length")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_bench)
 
     sp = sub.add_parser("demo", help="train a tiny model on synthetic scenes, fine-tune with DToP, evaluate")
     sp.add_argument("--out", default="runs/demo")

@@ -70,6 +70,8 @@ class PaddedTokens:
         return keys[:, None, None]
 
     def run(self, blk: nn.Module) -> None:
+        if self.x.shape[1] == 0:  # every token of every image here has left
+            return
         mask = self._attn_mask()
         self.x = blk(self.x) if mask is None else blk(self.x, attn_mask=mask)
 
@@ -165,7 +167,7 @@ class PerImageTokens:
         return cls(xs, [t.pos[b, :n] for b, n in enumerate(lengths)], t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
-        self.xs = [blk(x) for x in self.xs]
+        self.xs = [blk(x) if x.shape[1] else x for x in self.xs]
 
     def counts(self) -> Tensor:
         return torch.tensor([x.shape[1] for x in self.xs])
@@ -236,7 +238,8 @@ class PackedTokens:
         return F.pad(self.lengths.cumsum(0), (1, 0)).to(self.x.device)
 
     def run(self, blk: nn.Module) -> None:
-        self.x = packed_block(blk, self.x, self._cu(), int(self.lengths.max()))
+        if self.x.shape[0]:
+            self.x = packed_block(blk, self.x, self._cu(), int(self.lengths.max()))
 
     def counts(self) -> Tensor:
         return self.lengths.clone()

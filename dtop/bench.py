@@ -1,0 +1,217 @@
+"""Wall-clock speed of DToP against the dense model, measured side by side in one process.
+
+Batch-1 latency and mixed-batch throughput (each batch holds different images, so each image keeps a
+different number of tokens), peak memory and GFLOPs, for the dense model and for DToP in each
+execution layout. Calls alternate dense / DToP after a warm-up, and medians are compared, so machine
+noise hits both sides alike. Without a checkpoint, per-image exit fractions are forced at the first
+exit stage so that the speed path is measured alone.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .flops import dense_flops
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage created inside the context (CPU stand-in for
+    ``torch.cuda.max_memory_allocated``; counts op outputs, not kernels' private scratch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+        def release(k: int = key, n: int = size) -> None:
+            self.current -= n
+            self._seen.discard(k)
+
+        weakref.finalize(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, Tensor):
+                self._track(t)
+        return out
+
+
+def forced_exits(fractions: Sequence[float], seed: int = 0) -> Callable[[int, Tensor, Tensor], Tensor]:
+    """An exit override: at the first exit stage image b loses ``fractions[b]`` of its tokens
+    (a fixed random choice); nothing exits later."""
+
+    def choose(stage: int, conf: Tensor, valid: Tensor) -> Tensor:
+        exits = torch.zeros_like(valid)
+        if stage > 0:
+            return exits
+        g = torch.Generator().manual_seed(seed)
+        for b in range(valid.shape[0]):
+            n = int(valid[b].sum())
+            k = int(round(fractions[b % len(fractions)] * n))
+            pick = torch.randperm(n, generator=g)[:k].to(valid.device)
+            exits[b, valid[b].nonzero(as_tuple=True)[0][pick]] = True
+        return exits
+
+    return choose
+
+
+@dataclass
+class Timing:
+    dense: list[float]
+    dtop: list[float]
+
+    def ratio(self) -> float:
+        return statistics.median(self.dtop) / statistics.median(self.dense)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(dense_fn, dtop_fn, device, warmup: int, repeats: int) -> Timing:
+    """Warm up both, then time them alternately ``repeats`` times."""
+    for _ in range(warmup):
+        dense_fn()
+        dtop_fn()
+    t = Timing([], [])
+    for _ in range(repeats):
+        t.dense.append(_time(dense_fn, device))
+        t.dtop.append(_time(dtop_fn, device))
+    return t
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    with PeakTensorMemory() as mode:
+        fn()
+    return mode.peak / 2 ** 20
+
+
+def load_images(folder: str, size: tuple[int, int], limit: int, mean=(0.5,) * 3, std=(0.5,) * 3) -> Tensor:
+    """Up to ``limit`` images of a folder, resized to ``size`` and normalised -> (n, 3, H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    from .errors import InputError
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    if not files:
+        raise InputError(f"no images (.png/.jpg/.bmp) in {folder}")
+    out = []
+    for p in files[:limit]:
+        try:
+            im = Image.open(p).convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        except OSError as e:
+            raise InputError(f"cannot read image {p}: {e}") from e
+        a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out.append((a - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
+    return torch.stack(out)
+
+
+def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: torch.device,
+              dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5,
+              exit_fractions: Optional[Sequence[float]] = None, bucket: bool = False) -> dict[str, Any]:
+    """Measure dense vs DToP; ``images`` (n >= batch, 3, H, W). Returns the result dict."""
+    model.eval().to(device)
+    images = images.to(device)
+    size = tuple(images.shape[-2:])
+    if exit_fractions is not None:
+        model.force_exit = forced_exits(exit_fractions)
+    amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    mixed = images[:batch]
+    singles = [images[i:i + 1] for i in range(min(len(images), batch))]
+
+    def dense_batch():
+        with torch.no_grad(), amp:
+            model.forward_dense(mixed)
+
+    def dense_singles():
+        with torch.no_grad(), amp:
+            for im in singles:
+                model.forward_dense(im)
+
+    with torch.no_grad(), amp:
+        out = model(mixed)
+    dtop_gflops = float(out.gflops.mean())
+    base_gflops = dense_flops(model, size, final_head_only=True) / 1e9
+    flop_ratio = dtop_gflops / base_gflops
+    result: dict[str, Any] = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch,
+        "gflops_dense": round(base_gflops, 3), "gflops_dtop": round(dtop_gflops, 3), "flop_ratio": round(flop_ratio, 4),
+        "exit_fractions": [round(float(f), 3) for f in out.exit_fractions()[:, :-1].sum(1)],
+        "threads": torch.get_num_threads(), "paths": {},
+    }
+    result["peak_mem_dense_mb"] = round(peak_memory_mb(dense_batch, device), 1)
+    for path in paths:
+        model.set_execution(path, bucket=bucket and path == "padded")
+
+        def dtop_batch():
+            with torch.no_grad(), amp:
+                model(mixed)
+
+        def dtop_singles():
+            with torch.no_grad(), amp:
+                for im in singles:
+                    model(im)
+
+        b1 = alternate(dense_singles, dtop_singles, device, warmup, repeats)
+        mx = alternate(dense_batch, dtop_batch, device, warmup, repeats)
+        entry = {
+            "time_ratio_batch1": round(b1.ratio(), 4), "time_ratio_mixed": round(mx.ratio(), 4),
+            "realised_batch1": round(_realised(b1.ratio(), flop_ratio), 3),
+            "realised_mixed": round(_realised(mx.ratio(), flop_ratio), 3),
+            "dense_ms_per_image_batch1": round(1e3 * statistics.median(b1.dense) / len(singles), 2),
+            "dtop_ms_per_image_batch1": round(1e3 * statistics.median(b1.dtop) / len(singles), 2),
+            "dense_images_per_s_mixed": round(batch / statistics.median(mx.dense), 2),
+            "dtop_images_per_s_mixed": round(batch / statistics.median(mx.dtop), 2),
+            "peak_mem_dtop_mb": round(peak_memory_mb(dtop_batch, device), 1),
+        }
+        result["paths"][path] = entry
+    model.force_exit = None
+    main = result["paths"][paths[0]]
+    result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
+                                        "peak_mem_dtop_mb")})
+    result["path"] = paths[0]
+    return result
+
+
+def _realised(time_ratio: float, flop_ratio: float) -> float:
+    """Share of the FLOP saving that shows up as time saving: (1 - time ratio) / (1 - FLOP ratio)."""
+    return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
