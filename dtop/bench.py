@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .flops import dense_flops
+from .pruning.execution import varlen_kernel_available
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -59,19 +60,17 @@ class PeakTensorMemory(TorchDispatchMode):
 
 def forced_exits(fractions: Sequence[float], seed: int = 0) -> Callable[[int, Tensor, Tensor], Tensor]:
     """An exit override: at the first exit stage image b loses ``fractions[b]`` of its tokens
-    (a fixed random choice); nothing exits later."""
+    (a fixed random choice, made on the device without host syncs); nothing exits later."""
 
     def choose(stage: int, conf: Tensor, valid: Tensor) -> Tensor:
-        exits = torch.zeros_like(valid)
         if stage > 0:
-            return exits
-        g = torch.Generator().manual_seed(seed)
-        for b in range(valid.shape[0]):
-            n = int(valid[b].sum())
-            k = int(round(fractions[b % len(fractions)] * n))
-            pick = torch.randperm(n, generator=g)[:k].to(valid.device)
-            exits[b, valid[b].nonzero(as_tuple=True)[0][pick]] = True
-        return exits
+            return torch.zeros_like(valid)
+        B = valid.shape[0]
+        g = torch.Generator(device=valid.device).manual_seed(seed)
+        scores = torch.rand(valid.shape, generator=g, device=valid.device).masked_fill(~valid, 2.0)
+        rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each token among its image's tokens
+        frac = torch.tensor([fractions[b % len(fractions)] for b in range(B)], device=valid.device)
+        return valid & (rank < (frac * valid.sum(1)).round()[:, None])
 
     return choose
 
@@ -176,7 +175,8 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
         "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch,
         "gflops_dense": round(base_gflops, 3), "gflops_dtop": round(dtop_gflops, 3), "flop_ratio": round(flop_ratio, 4),
         "exit_fractions": [round(float(f), 3) for f in out.exit_fractions()[:, :-1].sum(1)],
-        "threads": torch.get_num_threads(), "paths": {},
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "paths": {},
+        "varlen_kernel": device.type == "cuda" and dtype != torch.float32 and varlen_kernel_available(),
     }
     result["peak_mem_dense_mb"] = round(peak_memory_mb(dense_batch, device), 1)
     for path in paths:

@@ -100,6 +100,49 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
     return f + 4 * model.num_classes * H * W  # bilinear upsampling of the score map
 
 
+def _quadratic(fn) -> tuple[int, int, int]:
+    """Exact (a, b, c) with fn(n) = a + b n + c n^2 for n >= 1 (every formula here is such a polynomial)."""
+    f1, f2, f3 = fn(1), fn(2), fn(3)
+    c2 = f3 - 2 * f2 + f1  # = 2c
+    b = f2 - f1 - 3 * c2 // 2
+    a = f1 - b - c2 // 2
+    if fn(7) != a + 7 * b + 49 * (c2 // 2):
+        raise AssertionError("FLOP formula is not quadratic in the token count")
+    return a, b, c2 // 2
+
+
+def _coefficients(model) -> tuple:
+    """Per block and per stage head (with the final norm), the quadratic FLOP coefficients; cached on the model."""
+    cached = getattr(model, "_flop_coefficients", None)
+    if cached is None:
+        bb = model.backbone
+        blocks = [_quadratic(lambda n, blk=blk: vit_block_flops(blk, n)) for blk in bb.blocks]
+        heads = []
+        for s, head in enumerate(model.heads):
+            norm = model.cfg.final_norm and s == model.num_stages - 1
+            heads.append(_quadratic(lambda n, h=head, fn=norm: head_flops(h, n) + (
+                _norm(bb.vit.norm, n * bb.embed_dim) if fn else 0)))
+        cached = (blocks, heads)
+        object.__setattr__(model, "_flop_coefficients", cached)
+    return cached
+
+
+def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block, head_tokens):
+    """Vectorised :func:`segmentor_flops` for a batch: tokens_per_block (B, depth), head_tokens (B, S)
+    integer tensors -> (B,) float64 FLOPs (exact integers up to 2**53)."""
+    import torch
+
+    blocks, heads = _coefficients(model)
+    const = segmentor_flops(model, size, [0] * len(blocks), [0] * len(heads))
+    total = torch.full((tokens_per_block.shape[0],), float(const), dtype=torch.float64,
+                       device=tokens_per_block.device)
+    for counts, coeffs in ((tokens_per_block, blocks), (head_tokens, heads)):
+        n = counts.to(torch.float64)
+        for j, (a, b, c) in enumerate(coeffs):
+            total += torch.where(n[:, j] > 0, a + b * n[:, j] + c * n[:, j] ** 2, 0.0)
+    return total
+
+
 def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
     """Token counts of the dense model: every block up to the final head sees all tokens."""
     p = model.backbone.patch_size

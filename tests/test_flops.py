@@ -70,3 +70,14 @@ def test_final_head_only_is_cheaper_and_size_scales():
     final = preset_gflops("segmenter_vit_b16", (512, 512), 150, final_head_only=True)
     assert final < full
     assert preset_gflops("segvit_vit_b16", (512, 1024), 150) > 1.9 * preset_gflops("segvit_vit_b16", (512, 512), 150)
+
+
+def test_batched_count_equals_per_image_count():
+    from dtop.flops import segmentor_flops, segmentor_flops_batch
+
+    model = tiny_model(("atm", "linear", "mask"), cls_mode="segmenter")
+    tokens = torch.tensor([[25, 25, 25, 25], [25, 13, 13, 4], [25, 1, 0, 0]])
+    heads = torch.tensor([[24, 24, 24], [24, 12, 3], [24, 0, 0]])
+    batched = segmentor_flops_batch(model, (64, 96), tokens, heads)
+    for b in range(3):
+        assert batched[b] == segmentor_flops(model, (64, 96), tokens[b].tolist(), heads[b].tolist())

@@ -177,8 +177,9 @@ class DToPSegmentor(nn.Module):
         path = self.execution if self.execution != "auto" else default_path(device)
         state = PaddedTokens.full(x, self.backbone.prefix_in_blocks, N)
         switched = False
-        tokens_per_block = torch.zeros(B, self.backbone.depth, dtype=torch.long)
-        head_tokens = torch.zeros(B, S, dtype=torch.long)
+        # token counts stay on the device until the end: no host sync per block
+        tokens_per_block = torch.zeros(B, self.backbone.depth, dtype=torch.long, device=device)
+        head_tokens = torch.zeros(B, S, dtype=torch.long, device=device)
         exit_stage = torch.full((B, N + 1), S - 1, dtype=torch.long, device=device)  # column N: padding
         canvas: Optional[Tensor] = None
         native: dict[str, Tensor] = {}  # per head kind ("atm" mask logits, "logits"), for the stage losses
@@ -197,20 +198,24 @@ class DToPSegmentor(nn.Module):
 
             # ---- stage head on the tokens in play, written to the canvas(es)
             out, pos, valid = state.decode(lambda t, v, s=stage: self._decode(s, t, v))
-            head_tokens[:, stage] = valid.sum(1).cpu()
+            head_tokens[:, stage] = valid.sum(1)
             canvas = _write(canvas, self._to_space(out), pos, N)
-            kind = "atm" if out.presence is not None else "logits"
-            native[kind] = _write(native.get(kind), out.logits, pos, N)
-            seen = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter(1, pos, valid)[:, :N]
-            native_valid[kind] = native_valid.get(kind, seen) | seen
+            if self.space == "prob":  # mixed head kinds: per-kind canvases for the stage losses
+                kind = "atm" if out.presence is not None else "logits"
+                native[kind] = _write(native.get(kind), out.logits, pos, N)
+                seen = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter(1, pos, valid)[:, :N]
+                native_valid[kind] = native_valid.get(kind, seen) | seen
+                stage_logits, stage_valid = native[kind], native_valid[kind]
+            else:  # one head kind: the canvas is in the heads' own space and covers every token
+                stage_logits, stage_valid = canvas, torch.ones(B, N, dtype=torch.bool, device=device)
             stages.append(StageOutput(canvas.reshape(B, -1, *grid), out.presence,
-                                      native[kind].reshape(B, -1, *grid), native_valid[kind].reshape(B, *grid)))
+                                      stage_logits.reshape(B, -1, *grid), stage_valid.reshape(B, *grid)))
 
             # ---- exit decisions (never after the last stage)
             if not final and self.p0[stage] < 1.0:
                 with torch.no_grad():
                     conf, label = confidence(out.probs().float())
-                    exits = select_exits(conf, label, self.p0[stage], self.topk, valid)
+                    exits = select_exits(conf, label, self.p0[stage], self.topk, valid, self.num_classes)
                 if self.force_exit is not None:
                     exits = self.force_exit(stage, conf, valid)
                 if bool(exits.any()):
@@ -221,11 +226,10 @@ class DToPSegmentor(nn.Module):
             stage += 1
 
         logits = self._finalise(canvas, stages[-1].presence, grid, tuple(images.shape[-2:]))
-        from ..flops import segmentor_flops  # local import: flops imports this module's types
+        from ..flops import segmentor_flops_batch  # local import: flops imports this module's types
 
-        gflops = torch.tensor([segmentor_flops(self, tuple(images.shape[-2:]), tokens_per_block[b].tolist(),
-                                               head_tokens[b].tolist()) / 1e9 for b in range(B)],
-                              dtype=torch.float64)
+        tokens_per_block, head_tokens = tokens_per_block.cpu(), head_tokens.cpu()
+        gflops = segmentor_flops_batch(self, tuple(images.shape[-2:]), tokens_per_block, head_tokens) / 1e9
         return SegmentationOutput(logits=logits, token_logits=canvas.reshape(B, -1, *grid),
                                   exit_stage=exit_stage[:, :N].reshape(B, *grid), tokens_per_block=tokens_per_block,
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)

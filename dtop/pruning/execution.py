@@ -76,8 +76,9 @@ class PaddedTokens:
         self.x = blk(self.x) if mask is None else blk(self.x, attn_mask=mask)
 
     def counts(self) -> Tensor:
-        n = torch.full((self.x.shape[0],), self.pos.shape[1]) if self.valid is None else self.valid.sum(1).cpu()
-        return n + self.P
+        if self.valid is None:
+            return torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
+        return self.valid.sum(1) + self.P
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         valid = self.valid if self.valid is not None else torch.ones_like(self.pos, dtype=torch.bool)
@@ -105,7 +106,7 @@ class BucketedTokens:
 
     @classmethod
     def from_padded(cls, t: PaddedTokens, max_waste: float = 0.25) -> "BucketedTokens":
-        lengths = t.counts() - t.P
+        lengths = (t.counts() - t.P).cpu()
         order = torch.argsort(lengths, descending=True).tolist()
         groups: list[list[int]] = []
         for b in order:
@@ -127,9 +128,9 @@ class BucketedTokens:
             sub.run(blk)
 
     def counts(self) -> Tensor:
-        out = torch.zeros(self.B, dtype=torch.long)
+        out = torch.zeros(self.B, dtype=torch.long, device=self.buckets[0][0].device)
         for ids, sub in self.buckets:
-            out[ids.cpu()] = sub.counts()
+            out[ids] = sub.counts()
         return out
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
@@ -162,7 +163,7 @@ class PerImageTokens:
 
     @classmethod
     def from_padded(cls, t: PaddedTokens) -> "PerImageTokens":
-        lengths = (t.counts() - t.P).tolist()
+        lengths = (t.counts() - t.P).tolist()  # one host sync, when the layout switches
         xs = [t.x[b:b + 1, : t.P + n] for b, n in enumerate(lengths)]
         return cls(xs, [t.pos[b, :n] for b, n in enumerate(lengths)], t.P, t.N)
 
@@ -197,15 +198,23 @@ def _attention_per_sequence(q: Tensor, k: Tensor, v: Tensor, cu: Tensor) -> Tens
     return out
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """Variable-length attention over packed sequences: torch's kernel on CUDA, SDPA per sequence elsewhere."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        try:
-            from torch.nn.attention.varlen import varlen_attn
+def varlen_kernel_available() -> bool:
+    """Whether torch provides a variable-length attention kernel (``torch.nn.attention.varlen``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
-            return varlen_attn(q, k, v, cu.int(), cu.int(), max_len, max_len)
-        except (ImportError, RuntimeError):  # older torch or an unsupported GPU: fall back
-            pass
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """Variable-length attention over packed sequences (T, H, D): torch's kernel on CUDA in fp16/bf16,
+    one SDPA call per sequence elsewhere."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu32 = cu.to(torch.int32)
+        return varlen_attn(q, k, v, cu32, cu32, max_len, max_len)
     return _attention_per_sequence(q, k, v, cu)
 
 

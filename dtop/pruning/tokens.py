@@ -21,14 +21,16 @@ def confidence(probs: Tensor) -> tuple[Tensor, Tensor]:
     return conf, label
 
 
-def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tensor | None = None) -> Tensor:
+def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tensor | None = None,
+                 num_classes: int | None = None) -> Tensor:
     """Which tokens exit at this stage (DESIGN.md section 1).
 
     A token is *easy* when ``conf > p0`` (strict). For every class among the easy
     tokens' labels, the ``k`` most confident easy tokens of that class stay in play
     (context rule); the remaining easy tokens exit.
 
-    conf, label: (B, N); valid: (B, N) bool, tokens that may exit (default all).
+    conf, label: (B, N); valid: (B, N) bool, tokens that may exit (default all); num_classes: an
+    upper bound of the labels (saves a device-to-host sync on GPUs).
     Returns exit mask (B, N) bool. Ties in confidence go to the lower token index.
     """
     if conf.shape != label.shape or conf.dim() != 2:
@@ -36,10 +38,10 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tens
     easy = conf > p0
     if valid is not None:
         easy = easy & valid
-    if k <= 0 or not bool(easy.any()):
+    if k <= 0 or conf.numel() == 0:
         return easy
     B, N = conf.shape
-    num_groups = int(label.max()) + 2  # one group per class, plus one for "not easy"
+    num_groups = (num_classes if num_classes is not None else int(label.max()) + 1) + 1  # classes + "not easy"
     group = torch.where(easy, label, torch.full_like(label, num_groups - 1))
     # Sort by confidence (descending), then stably by group: tokens end up grouped
     # by class, most confident first inside each group.
