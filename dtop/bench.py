@@ -150,8 +150,10 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
     model.eval().to(device)
     images = images.to(device)
     size = tuple(images.shape[-2:])
-    if exit_fractions is not None:
+    saved_p0 = model.cfg.p0
+    if exit_fractions is not None:  # the override replaces the decisions; p0 < 1 makes them run
         model.force_exit = forced_exits(exit_fractions)
+        model.set_p0(0.5)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     mixed = images[:batch]
     singles = [images[i:i + 1] for i in range(min(len(images), batch))]
@@ -205,6 +207,7 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
         }
         result["paths"][path] = entry
     model.force_exit = None
+    model.set_p0(saved_p0)
     main = result["paths"][paths[0]]
     result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
                                         "peak_mem_dtop_mb")})

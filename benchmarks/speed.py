@@ -1,0 +1,96 @@
+"""Wall-clock speed of DToP vs dense on this machine's CPU; writes the "Speed" section of RESULTS.md.
+
+    python benchmarks/speed.py [--quick] [--camvid-checkpoint runs/camvid/dtop/last.pt]
+
+Each row is one `dtop bench` run (printed), which alternates dense and DToP calls in one process.
+GPU rows come from JSON files the device check (benchmarks/gpu_run.sh) wrote into benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import replace_section  # noqa: E402
+
+SPREAD = ["0.3", "0.39", "0.47", "0.56", "0.64", "0.73", "0.81", "0.9"]
+
+
+def bench(args: list[str]) -> tuple[str, dict]:
+    cmd = ["dtop", "bench", *args, "--json"]
+    print("+", shlex.join(cmd), flush=True)
+    out = subprocess.run([sys.executable, "-m", "dtop", *cmd[1:]], check=True, cwd=ROOT, capture_output=True,
+                         text=True).stdout
+    return shlex.join(cmd), json.loads(out.strip().splitlines()[-1])
+
+
+def rows(cmd: str, r: dict, label: str) -> list[str]:
+    out = []
+    for path, e in r["paths"].items():
+        out.append(f"| {label} | {r['device']} {r['dtype']} | {path} | {r['flop_ratio']:.3f} | "
+                   f"{e['time_ratio_batch1']:.3f} | {e['time_ratio_mixed']:.3f} | {_f(e['realised_batch1'])} | "
+                   f"{_f(e['realised_mixed'])} | {r['peak_mem_dense_mb']:.0f} / {e['peak_mem_dtop_mb']:.0f} |")
+    return out
+
+
+def _f(v) -> str:
+    return "n/a" if v != v else f"{v:.2f}"  # NaN when nothing exits (no FLOP saving to realise)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--camvid-checkpoint", default="runs/camvid/dtop/last.pt")
+    ap.add_argument("--camvid-images", default=str(ROOT.parent / "shared" / "data" / "camvid" / "val"))
+    a = ap.parse_args()
+    rep = ["--warmup", "1", "--repeats", "1" if a.quick else "3"]
+    table = ["| model, exit pattern | device | path | FLOP ratio | time ratio batch 1 | time ratio mixed batch |"
+             " realised batch 1 | realised mixed | peak MB dense / DToP |", "|---|---|---|---|---|---|---|---|---|"]
+    commands = []
+    runs = [
+        ("ViT-B/16 512, 8 images leaving 30..90% at block 6", ["segvit_vit_b16", "--size", "512", "512", "--batch", "8",
+                                                                "--exit-fractions", *SPREAD, *rep]),
+        ("ViT-B/16 512, nothing leaves (overhead)", ["segvit_vit_b16", "--size", "512", "512", "--batch", "8",
+                                                     "--exit-fractions", "0", "--paths", "per_image", *rep]),
+    ]
+    if Path(ROOT / a.camvid_checkpoint).is_file() and Path(a.camvid_images).is_dir():
+        runs.append(("CamVid ViT-T (trained), real val images, p0 0.9",
+                     ["--checkpoint", a.camvid_checkpoint, "--images", a.camvid_images, "--p0", "0.9", "--size", "240",
+                      "320", "--batch", "8", "--warmup", "2", "--repeats", "3" if a.quick else "10"]))
+    for label, args in runs:
+        cmd, r = bench(args)
+        commands.append(cmd)
+        table += rows(cmd, r, label)
+        if "exit_fractions" in r:
+            print(label, "exit fractions", r["exit_fractions"], flush=True)
+    for f in sorted((ROOT / "benchmarks" / "results").glob("h200_bench_*.json")):
+        r = json.loads(f.read_text())
+        table += rows("", r, f"ViT-B/16 512, batch {r['batch']}, exits {min(r['exit_fractions']):.0%}.."
+                             f"{max(r['exit_fractions']):.0%} ({f.name})")
+    cpu = subprocess.getoutput("lscpu | grep 'Model name' | cut -d: -f2").strip()
+    body = [
+        f"CPU rows: {cpu or platform.processor()}, {subprocess.getoutput('nproc')} cores, fp32, measured by "
+        "`python benchmarks/speed.py`, which ran:", "", "```bash", *commands, "```", "",
+        "Time ratio = median DToP time / median dense time (calls alternate, after a warm-up); realised = "
+        "(1 - time ratio) / (1 - FLOP ratio). The dense model is the plain segmentor (final head only); DToP "
+        "counts its auxiliary heads. Forced exit patterns pick random tokens at the first exit stage; the "
+        "trained CamVid row prunes real images. `per_image` is the authors' code path (a Python loop over the "
+        "images of a batch); `packed` and `padded` are the batched layouts. Peak memory on CPU is the peak of live "
+        "tensor storage (TorchDispatchMode), on CUDA `max_memory_allocated`.", "",
+        *table, "",
+        "H200 rows come from `benchmarks/gpu_run.sh` on a lent H200 (torch 2.11, JSON in `benchmarks/results/`), "
+        "run before commit 681632b removed per-block host syncs and the per-image Python GFLOPs loop; no GPU was "
+        "available to re-measure after that change.",
+    ]
+    replace_section("Speed: wall-clock dense vs DToP", "\n".join(body))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

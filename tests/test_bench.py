@@ -1,0 +1,47 @@
+"""The benchmark's measuring tools (not timings: those live in benchmarks/RESULTS.md)."""
+import json
+
+import torch
+
+from conftest import tiny_model
+from dtop.bench import PeakTensorMemory, forced_exits, run_bench
+from dtop.cli import main
+
+
+def test_forced_exits_hit_the_requested_fractions():
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[2, 30:] = False
+    exits = forced_exits([0.1, 0.5, 0.5])(0, torch.rand(3, 40), valid)
+    assert exits.sum(1).tolist() == [4, 20, 15]
+    assert not (exits & ~valid).any()
+    assert not forced_exits([0.5])(1, torch.rand(1, 8), torch.ones(1, 8, dtype=torch.bool)).any()
+
+
+def test_peak_tensor_memory_sees_live_tensors():
+    with PeakTensorMemory() as mode:
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB more, both alive
+        del a, b
+        c = torch.ones(256, 1024)  # 1 MiB after the others are freed
+    assert 8 * 2 ** 20 <= mode.peak < 9 * 2 ** 20
+    assert c.shape == (256, 1024)
+
+
+def test_run_bench_reports_every_field():
+    model = tiny_model(("atm", "atm", "atm"))
+    images = torch.randn(4, 3, 64, 96)
+    r = run_bench(model, images, 4, ["per_image", "packed"], torch.device("cpu"), warmup=0, repeats=1,
+                  exit_fractions=[0.2, 0.4, 0.6, 0.8])
+    for key in ("flop_ratio", "time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
+                "peak_mem_dense_mb", "peak_mem_dtop_mb", "device"):
+        assert key in r, key
+    assert r["exit_fractions"] == [0.208, 0.417, 0.583, 0.792]  # of 24 tokens: 5, 10, 14, 19
+    assert 0 < r["flop_ratio"] < 1 and set(r["paths"]) == {"per_image", "packed"}
+    assert model.force_exit is None  # the override does not outlive the benchmark
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", "segvit_vit_t16", "--size", "32", "48", "--batch", "2", "--num-classes", "3",
+                 "--warmup", "0", "--repeats", "1", "--paths", "padded", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["path"] == "padded" and r["batch"] == 2 and r["gflops_dtop"] < r["gflops_dense"] * 1.5
