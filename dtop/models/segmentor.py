@@ -197,9 +197,11 @@ class DToPSegmentor(nn.Module):
                 continue
 
             # ---- stage head on the tokens in play, written to the canvas(es)
+            everyone = isinstance(state, PaddedTokens) and state.valid is None  # no token has left yet
             out, pos, valid = state.decode(lambda t, v, s=stage: self._decode(s, t, v))
             head_tokens[:, stage] = valid.sum(1)
-            canvas = _write(canvas, self._to_space(out), pos, N)
+            values = self._to_space(out)
+            canvas = values if everyone else _write(canvas, values, pos, N)
             if self.space == "prob":  # mixed head kinds: per-kind canvases for the stage losses
                 kind = "atm" if out.presence is not None else "logits"
                 native[kind] = _write(native.get(kind), out.logits, pos, N)
@@ -225,6 +227,7 @@ class DToPSegmentor(nn.Module):
                         state, switched = switch_layout(state, path, self.bucket), True
             stage += 1
 
+        del state, out, x  # free the token features before the full-resolution upsampling (peak memory)
         logits = self._finalise(canvas, stages[-1].presence, grid, tuple(images.shape[-2:]))
         from ..flops import segmentor_flops_batch  # local import: flops imports this module's types
 
