@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dtop.pruning import confidence, gather_tokens, keep_indices, scatter_tokens, select_exits
+from dtop.pruning import confidence, gather_tokens, scatter_tokens, select_exits
 
 
 def brute_force_exits(conf, label, p0, k, valid=None):
@@ -55,11 +55,10 @@ def test_threshold_is_strict_and_nothing_exits_at_p0_one():
     assert not select_exits(conf, label, 1.0, k=0).any()
 
 
-def test_confidence_and_keep_indices():
+def test_confidence():
     probs = torch.tensor([[[0.1, 0.8], [0.9, 0.2]]])  # (B=1, K=2, N=2)
     conf, label = confidence(probs)
     assert torch.allclose(conf, torch.tensor([[0.9, 0.8]])) and label.tolist() == [[1, 0]]
-    assert keep_indices(torch.tensor([True, False, False, True])).tolist() == [1, 2]
 
 
 def test_gather_scatter_roundtrip_with_prefix():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.heads import HeadOutput
+from .tokens import gather_tokens
 
 HeadFn = Callable[[Tensor, Optional[Tensor]], HeadOutput]
 PATHS = ("auto", "per_image", "padded", "packed")
@@ -91,10 +92,9 @@ class PaddedTokens:
         lengths = keep.sum(1)
         L = int(lengths.max()) if len(lengths) else 0
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :L]
-        x = self.x[:, self.P:].gather(1, order.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
         valid = torch.arange(L, device=keep.device) < lengths[:, None]
         pos = torch.where(valid, self.pos.gather(1, order), torch.full_like(order, self.N))
-        return PaddedTokens(torch.cat([self.x[:, :self.P], x], dim=1), pos, valid, self.P, self.N)
+        return PaddedTokens(gather_tokens(self.x, order, offset=self.P), pos, valid, self.P, self.N)
 
 
 class BucketedTokens:
@@ -181,8 +181,7 @@ class PerImageTokens:
     def prune(self, keep: Tensor) -> "PerImageTokens":
         for b, idx in enumerate(self.idx):
             k = keep[b, : len(idx)].nonzero(as_tuple=True)[0]
-            x = self.xs[b]
-            self.xs[b] = torch.cat([x[:, : self.P], x[:, self.P:].index_select(1, k)], dim=1)
+            self.xs[b] = gather_tokens(self.xs[b], k, offset=self.P)
             self.idx[b] = idx[k]
         return self
 
@@ -266,7 +265,7 @@ class PackedTokens:
         rows = []
         for b, (r, idx) in enumerate(zip(self._split(), self.idx)):
             k = keep[b, : len(idx)].nonzero(as_tuple=True)[0]
-            rows.append(torch.cat([r[: self.P], r[self.P:].index_select(0, k)]))
+            rows.append(gather_tokens(r[None], k, offset=self.P)[0])
             self.idx[b] = idx[k]
         self.lengths = torch.tensor([r.shape[0] for r in rows])
         self.x = torch.cat(rows)

@@ -58,11 +58,6 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tens
     return easy & ~stays
 
 
-def keep_indices(exits: Tensor) -> Tensor:
-    """Indices (n,) of the tokens that stay, from a (n_in,) exit mask, in their original order."""
-    return (~exits).nonzero(as_tuple=True)[0]
-
-
 def gather_tokens(x: Tensor, idx: Tensor, offset: int = 0) -> Tensor:
     """Rows ``idx`` of ``x`` (B, T, C), keeping the first ``offset`` rows (prefix tokens such as CLS).
 
