@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..pruning import confidence, scatter_tokens, select_exits
+from ..pruning import confidence, select_exits
 from ..pruning.execution import PATHS, PaddedTokens, default_path, switch_layout
 from .backbone import ViTBackbone
 from .config import SegmentorConfig
@@ -42,7 +42,8 @@ from .heads import HEADS, HeadOutput, atm_scores
 class StageOutput:
     """The canvases after one stage head wrote to them.
 
-    canvas: (B, K, h, w) in the model's score space (the assembly so far).
+    canvas: (B, K, h, w) in the model's score space: the assembly so far when autograd is on (training);
+        under ``torch.no_grad`` the canvas is written in place and every stage shows the final assembly.
     presence: (B, K, 2) for ATM heads, else None.
     logits: (B, K, h, w) the canvas in this head's own space (ATM mask logits or class logits), for
         its loss: tokens this head decoded hold its values, tokens that left at an earlier stage hold
@@ -201,10 +202,10 @@ class DToPSegmentor(nn.Module):
             out, pos, valid = state.decode(lambda t, v, s=stage: self._decode(s, t, v))
             head_tokens[:, stage] = valid.sum(1)
             values = self._to_space(out)
-            canvas = values if everyone else _write(canvas, values, pos, N)
+            canvas = values if everyone else _write(canvas, values, pos, valid, N)
             if self.space == "prob":  # mixed head kinds: per-kind canvases for the stage losses
                 kind = "atm" if out.presence is not None else "logits"
-                native[kind] = _write(native.get(kind), out.logits, pos, N)
+                native[kind] = _write(native.get(kind), out.logits, pos, valid, N)
                 seen = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter(1, pos, valid)[:, :N]
                 native_valid[kind] = native_valid.get(kind, seen) | seen
                 stage_logits, stage_valid = native[kind], native_valid[kind]
@@ -238,12 +239,17 @@ class DToPSegmentor(nn.Module):
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)
 
 
-def _write(canvas: Optional[Tensor], values: Tensor, pos: Tensor, N: int) -> Tensor:
-    """Out-of-place write of ``values`` (B, K, L) at token positions ``pos`` (B, L; padding = N) into
-    ``canvas`` (B, K, N), or into zeros when ``canvas`` is None."""
-    B, K = values.shape[:2]
-    ext = values.new_zeros(B, K, N + 1) if canvas is None else F.pad(canvas.to(values.dtype), (0, 1))
-    return scatter_tokens(ext, pos, values)[:, :, :N]
+def _write(canvas: Optional[Tensor], values: Tensor, pos: Tensor, valid: Tensor, N: int) -> Tensor:
+    """Write ``values`` (B, K, L) at token positions ``pos`` (B, L) where ``valid`` into ``canvas`` (B, K, N)
+    (zeros when None). With autograd on, the write is out of place so earlier stage snapshots keep their
+    values; without it (inference) the canvas is written in place, so no stage copy stays in memory."""
+    if canvas is None:
+        canvas = values.new_zeros(values.shape[0], values.shape[1], N)
+    elif torch.is_grad_enabled():
+        canvas = canvas.clone()
+    b, l = valid.nonzero(as_tuple=True)
+    canvas[b, :, pos[b, l]] = values[b, :, l].to(canvas.dtype)
+    return canvas
 
 
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:
