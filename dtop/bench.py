@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,8 +26,9 @@ from .pruning.execution import varlen_kernel_available
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storage created inside the context (CPU stand-in for
-    ``torch.cuda.max_memory_allocated``; counts op outputs, not kernels' private scratch)."""
+    """Peak bytes of live tensor storage allocated inside the context (CPU stand-in for
+    ``torch.cuda.max_memory_allocated`` after a reset; counts the storages ops create, not tensors
+    that existed before, such as weights and inputs, nor kernels' private scratch)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,8 +54,12 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, Tensor):
+        # an output on an input's storage (a view such as a weight's transpose, an in-place result)
+        # allocates nothing: only storages the op created are counted
+        held = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in held:
                 self._track(t)
         return out
 

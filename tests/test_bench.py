@@ -27,6 +27,15 @@ def test_peak_tensor_memory_sees_live_tensors():
     assert c.shape == (256, 1024)
 
 
+def test_peak_tensor_memory_ignores_tensors_made_before_it():
+    layer = torch.nn.Linear(1024, 1024)  # a 4 MiB weight; F.linear takes a view of it (weight.t())
+    x = torch.ones(4, 1024)
+    with PeakTensorMemory() as mode:
+        y = layer(x)  # 16 KiB new
+        y.add_(1)  # in place: nothing new
+    assert mode.peak == y.untyped_storage().nbytes() == 4 * 1024 * 4
+
+
 def test_run_bench_reports_every_field():
     model = tiny_model(("atm", "atm", "atm"))
     images = torch.randn(4, 3, 64, 96)
