@@ -21,18 +21,21 @@ def _norm(module: Optional[nn.Module], elements: int) -> int:
     return 0
 
 
-def vit_block_flops(blk: nn.Module, n: int) -> int:
-    """A timm ViT ``Block`` on ``n`` tokens."""
+def vit_block_flops(blk: nn.Module, n: int, keys: Optional[int] = None) -> int:
+    """A timm ViT ``Block`` on ``n`` tokens; with ``keys``, the ``n`` tokens are queries attending to
+    ``keys`` tokens (SegViT shrunk's query downsampling: norm1 and the k/v projections see every key)."""
     if n <= 0:
         return 0
+    m = n if keys is None else keys
     attn, mlp = blk.attn, blk.mlp
     C = attn.qkv.in_features
     attn_dim = attn.proj.in_features
     hidden = mlp.fc1.out_features
-    f = _norm(blk.norm1, n * C) + _norm(blk.norm2, n * C)
-    f += n * C * attn.qkv.out_features + n * attn_dim * attn.proj.out_features  # qkv, out projection
-    f += 2 * n * n * attn_dim  # q @ k^T and attn @ v over all heads
-    f += _norm(getattr(attn, "q_norm", None), n * attn_dim) + _norm(getattr(attn, "k_norm", None), n * attn_dim)
+    f = _norm(blk.norm1, m * C) + _norm(blk.norm2, n * C)
+    f += n * C * attn_dim + m * C * (attn.qkv.out_features - attn_dim)  # q; k and v
+    f += n * attn_dim * attn.proj.out_features  # out projection
+    f += 2 * n * m * attn_dim  # q @ k^T and attn @ v over all heads
+    f += _norm(getattr(attn, "q_norm", None), n * attn_dim) + _norm(getattr(attn, "k_norm", None), m * attn_dim)
     f += _norm(getattr(attn, "norm", None), n * attn_dim) + _norm(getattr(mlp, "norm", None), n * hidden)
     f += n * C * hidden + n * hidden * mlp.fc2.out_features
     return f
@@ -92,12 +95,53 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
     f = conv.in_channels * conv.out_channels * p * p * N
     f += _norm(getattr(vit.patch_embed, "norm", None), N * bb.embed_dim)
     f += _norm(getattr(vit, "norm_pre", None), (bb.num_prefix + N) * bb.embed_dim)
-    f += sum(vit_block_flops(blk, int(n)) for blk, n in zip(bb.blocks, tokens_per_block))
+    red = getattr(model, "reducer", None)
+    shrunk = red is not None and red.kind == "shrunk"
+    f += sum(vit_block_flops(blk, int(n), bb.prefix_in_blocks + N if shrunk and i == red.block else None)
+             for i, (blk, n) in enumerate(zip(bb.blocks, tokens_per_block)))
     for s, (head, n) in enumerate(zip(model.heads, head_tokens)):
         f += head_flops(head, int(n))
         if s == model.num_stages - 1 and model.cfg.final_norm:
             f += _norm(vit.norm, int(n) * bb.embed_dim)
+    if red is not None:
+        f += reduction_flops(model, (H // p, W // p), head_tokens)
     return f + 4 * model.num_classes * H * W  # bilinear upsampling of the score map
+
+
+def reduction_flops(model, grid: tuple[int, int], head_tokens: Sequence[int]) -> int:
+    """The cost of a token-reduction alternative (:mod:`dtop.models.reduction`) beyond its blocks and heads:
+    the reduction itself, and bringing the output of every head that ran after it back to the token grid."""
+    from .models.reduction import cluster_grid, half_grid
+
+    red = model.reducer
+    C, K = model.backbone.embed_dim, model.num_classes
+    N = grid[0] * grid[1]
+    after = [n for s, n in zip(model.stage_blocks, head_tokens) if s >= red.block and int(n) > 0]
+    per_map = 2 if model.space == "prob" else 1  # the prob space brings back both probabilities and logits
+    if red.kind == "expedite":
+        m = cluster_grid(grid, red.spec.cluster_scale)
+        m = m[0] * m[1]
+        f = N * C + red.spec.iters * 2 * N * m * C + N * m * C  # init pool; per iteration distances, means; weights
+        return f + len(after) * per_map * K * m * N  # reconstruction matmul
+    h2, w2 = half_grid(grid)
+    f = C * C * 4 * h2 * w2 if red.kind == "conv" else 0  # pooling and sampling count zero (fvcore)
+    return f + len(after) * per_map * 4 * K * (2 * h2) * (2 * w2)  # bilinear x2 upsampling
+
+
+def reduced_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
+    """Token counts of a model with a token-reduction alternative (same for every image)."""
+    from .models.reduction import cluster_grid, half_grid
+
+    red, bb = model.reducer, model.backbone
+    grid = (size[0] // bb.patch_size, size[1] // bb.patch_size)
+    small = cluster_grid(grid, red.spec.cluster_scale) if red.kind == "expedite" else half_grid(grid)
+    N, m, P = grid[0] * grid[1], small[0] * small[1], bb.prefix_in_blocks
+    last = model.stage_blocks[-1]
+    full = [i < red.block or (i == red.block and red.kind != "shrunk") for i in range(bb.depth)]
+    tokens = [0 if i > last else P + (N if full[i] else m) for i in range(bb.depth)]
+    heads = [0 if final_head_only and s < model.num_stages - 1 else (N if b < red.block else m)
+             for s, b in enumerate(model.stage_blocks)]
+    return tokens, heads
 
 
 def _quadratic(fn) -> tuple[int, int, int]:
@@ -144,7 +188,10 @@ def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block, head_t
 
 
 def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
-    """Token counts of the dense model: every block up to the final head sees all tokens."""
+    """Token counts of the dense model: every block up to the final head sees all tokens (a model with
+    a token-reduction alternative: the counts of its reduced forward)."""
+    if getattr(model, "reducer", None) is not None:
+        return reduced_counts(model, size, final_head_only)
     p = model.backbone.patch_size
     N = (size[0] // p) * (size[1] // p)
     T = N + model.backbone.prefix_in_blocks

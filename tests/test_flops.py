@@ -21,7 +21,7 @@ class _AllOutputs(torch.nn.Module):
 
     def forward(self, x):
         out = self.model(x)
-        return (out.logits, *[t for s in out.stages for t in (s.canvas, s.presence) if t is not None])
+        return (out.logits, *[t for s in out.stages for t in (s.canvas, s.logits, s.presence) if t is not None])
 
 
 def fvcore_count(model, x) -> int:

@@ -16,6 +16,55 @@ class StageSpec:
     head_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+REDUCTIONS = ("conv", "avgpool", "nearest", "shrunk", "expedite")
+
+
+@dataclass
+class ReductionSpec:
+    """A token-reduction alternative to DToP (DESIGN.md section 6), for the supplement's comparisons.
+
+    kind: ``conv`` (2x2 stride-2 convolution), ``avgpool`` (2x2 average pooling), ``nearest`` (2x2 nearest
+    sampling): after 0-based block ``block`` the tokens are downsampled 2x per side and the heads'
+    outputs are upsampled back; ``shrunk`` (SegViT shrunk): block ``block`` runs with stride-2 subsampled
+    tokens as queries over all tokens; ``expedite`` (Expedite-ViT, training-free): after block ``block``
+    tokens are clustered into a grid ``cluster_scale`` times the token grid per side (``iters`` iterations,
+    affinity ``softmax(-d * tau)`` over the centroids within a ``window`` x ``window`` neighbourhood), and
+    the heads' outputs are reconstructed at every token from the ``topk`` nearest centroids.
+    ``block`` None: the supplement's place for a 12-block ViT-B, scaled to the backbone's depth
+    (after layer 9 for the symmetric operators, layer 8 for shrunk, see :func:`default_block`).
+    """
+
+    kind: str
+    block: Optional[int] = None
+    cluster_scale: float = 0.75
+    iters: int = 5
+    tau: float = 0.02
+    window: int = 5
+    topk: int = 20
+
+    def validate(self, depth: int) -> None:
+        if self.kind not in REDUCTIONS:
+            raise ConfigError(f"unknown reduction {self.kind!r}; choose from {', '.join(REDUCTIONS)}")
+        b = self.resolved_block(depth)
+        if not 0 <= b < depth:
+            raise ConfigError(f"reduction {self.kind} at block {b}, but the backbone has blocks 0..{depth - 1}")
+        if not 0 < self.cluster_scale <= 1:
+            raise ConfigError(f"reduction cluster_scale must be in (0, 1], got {self.cluster_scale}")
+        if self.iters < 0 or self.window < 1 or self.window % 2 == 0 or self.topk < 1 or self.tau <= 0:
+            raise ConfigError("reduction needs iters >= 0, an odd window >= 1, topk >= 1 and tau > 0")
+
+    def resolved_block(self, depth: int) -> int:
+        return self.block if self.block is not None else default_block(self.kind, depth)
+
+
+def default_block(kind: str, depth: int) -> int:
+    """The supplement's places on ViT-B (12 blocks), scaled to ``depth``: downsampling at the end of
+    layer 9 (0-based block 8), SegViT shrunk's query downsampling in layer 8 (block 7), Expedite's
+    clustering after layer 6 (block 5)."""
+    layer = {"shrunk": 8, "expedite": 6}.get(kind, 9)
+    return max(0, round(layer * depth / 12) - 1)
+
+
 @dataclass
 class SegmentorConfig:
     """Everything needed to build a :class:`~dtop.models.segmentor.DToPSegmentor`.
@@ -38,6 +87,7 @@ class SegmentorConfig:
     pretrained: Union[bool, str] = False
     drop_path_rate: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    reduction: Optional[ReductionSpec] = None
     name: str = ""
 
     def p0_per_stage(self) -> list[float]:
@@ -66,6 +116,8 @@ class SegmentorConfig:
         if self.topk < 0:
             raise ConfigError(f"topk must be >= 0, got {self.topk}")
         self.p0_per_stage()
+        if self.reduction is not None and self.reduction.kind not in REDUCTIONS:
+            raise ConfigError(f"unknown reduction {self.reduction.kind!r}; choose from {', '.join(REDUCTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,4 +131,15 @@ class SegmentorConfig:
         d = dict(d)
         if "stages" in d:
             d["stages"] = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in d["stages"]]
+        if isinstance(d.get("reduction"), dict):
+            d["reduction"] = reduction_from_dict(d["reduction"])
         return cls(**d)
+
+
+def reduction_from_dict(d: dict[str, Any]) -> ReductionSpec:
+    known = {f.name for f in fields(ReductionSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown or "kind" not in d:
+        raise ConfigError(f"reduction: unknown keys {', '.join(unknown) or '(none)'}; it needs kind "
+                          f"({', '.join(REDUCTIONS)}) and takes {', '.join(sorted(known))}")
+    return ReductionSpec(**d)

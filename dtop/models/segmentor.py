@@ -36,6 +36,7 @@ from ..pruning.execution import PATHS, PaddedTokens, default_path, switch_layout
 from .backbone import ViTBackbone
 from .config import SegmentorConfig
 from .heads import HEADS, HeadOutput, atm_scores
+from .reduction import TokenReducer
 
 
 @dataclass
@@ -111,6 +112,11 @@ class DToPSegmentor(nn.Module):
                 raise ConfigError(f"stage head after block {s.block}, but {cfg.backbone} has blocks 0..{depth - 1}")
         C = self.backbone.embed_dim
         self.heads = nn.ModuleList(HEADS[s.head](C, cfg.num_classes, **s.head_kwargs) for s in cfg.stages)
+        # a token-reduction alternative instead of early exit (dtop.models.reduction); None for DToP
+        self.reducer = TokenReducer(cfg.reduction, C, depth) if cfg.reduction is not None else None
+        if self.reducer is not None and self.reducer.block > cfg.stages[-1].block:
+            raise ConfigError(f"reduction {cfg.reduction.kind} at block {self.reducer.block} comes after the "
+                              f"final head (block {cfg.stages[-1].block})")
         self.stage_blocks = [s.block for s in cfg.stages]
         self.space = score_space([s.head for s in cfg.stages])
         self.p0 = cfg.p0_per_stage()
@@ -170,7 +176,10 @@ class DToPSegmentor(nn.Module):
         """DToP forward. images (B, 3, H, W), H and W multiples of the patch size.
 
         While no token has left, the batch runs as one tensor; after the first exit the kept tokens
-        run in the layout of ``self.execution`` (see :mod:`dtop.pruning.execution`)."""
+        run in the layout of ``self.execution`` (see :mod:`dtop.pruning.execution`).
+        A model with a token-reduction alternative (``cfg.reduction``) runs :meth:`forward_reduced`."""
+        if self.reducer is not None:
+            return self.forward_reduced(images)
         x, grid = self.backbone.embed(images)
         B, device = x.shape[0], x.device
         N = grid[0] * grid[1]
@@ -237,6 +246,50 @@ class DToPSegmentor(nn.Module):
         return SegmentationOutput(logits=logits, token_logits=canvas.reshape(B, -1, *grid),
                                   exit_stage=exit_stage[:, :N].reshape(B, *grid), tokens_per_block=tokens_per_block,
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)
+
+
+    def forward_reduced(self, images: Tensor) -> SegmentationOutput:
+        """The supplement's alternatives (no early exit): every image's tokens are reduced at the reducer's
+        block; each stage head decodes the tokens of its block and its output is brought back to the
+        token grid (upsampled, or reconstructed for Expedite). In eval only the final head runs."""
+        from ..flops import segmentor_flops  # local import: flops imports this module's types
+
+        x, grid = self.backbone.embed(images)
+        B, P, S = x.shape[0], self.backbone.prefix_in_blocks, self.num_stages
+        expand = None
+        tokens_per_block = [0] * self.backbone.depth
+        head_tokens = [0] * S
+        stages: list[StageOutput] = []
+        stage = 0
+        for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
+            n = x.shape[1]
+            if i == self.reducer.block:
+                x, expand = self.reducer.run_block(blk, x, P, grid)
+                if self.reducer.kind == "shrunk":
+                    n = x.shape[1]  # query downsampling: the block's queries (its keys: all n tokens)
+            else:
+                x = blk(x)
+            tokens_per_block[i] = n
+            if i != self.stage_blocks[stage]:
+                continue
+            if stage == S - 1 or self.training:
+                out = self._decode(stage, x[:, P:])
+                head_tokens[stage] = x.shape[1] - P
+                canvas, logits = self._to_space(out), out.logits
+                if expand is not None:
+                    canvas = expand(canvas)
+                    logits = expand(logits) if self.space == "prob" else canvas
+                stages.append(StageOutput(canvas.reshape(B, -1, *grid), out.presence, logits.reshape(B, -1, *grid),
+                                          torch.ones(B, *grid, dtype=torch.bool, device=x.device)))
+            stage += 1
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        logits = self._finalise(stages[-1].canvas.flatten(2), stages[-1].presence, grid, size)
+        gflops = torch.full((B,), segmentor_flops(self, size, tokens_per_block, head_tokens) / 1e9,
+                            dtype=torch.float64)
+        return SegmentationOutput(logits=logits, token_logits=stages[-1].canvas,
+                                  exit_stage=torch.full((B, *grid), S - 1, dtype=torch.long, device=x.device),
+                                  tokens_per_block=torch.tensor([tokens_per_block] * B),
+                                  head_tokens=torch.tensor([head_tokens] * B), gflops=gflops, stages=stages)
 
 
 def _write(canvas: Optional[Tensor], values: Tensor, pos: Tensor, valid: Tensor, N: int) -> Tensor:
