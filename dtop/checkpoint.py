@@ -59,11 +59,14 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "checkpoint",
+                   may_miss: tuple[str, ...] = ()) -> list[str]:
     """``module.load_state_dict(state, strict=True)`` with an error listing missing, unexpected
-    and wrongly shaped keys, raised before any weight is copied."""
+    and wrongly shaped keys, raised before any weight is copied. Keys starting with a prefix in
+    ``may_miss`` may be absent (they keep their initialisation); returns those that were."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    allowed = sorted(k for k in set(own) - set(state) if k.startswith(may_miss) and may_miss)
+    missing = sorted(set(own) - set(state) - set(allowed))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(state) if state[k].shape != own[k].shape)
@@ -76,7 +79,8 @@ def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "c
         problems.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=not allowed)
+    return allowed
 
 
 def save_atomic(obj: dict, path: Union[str, Path]) -> None:
@@ -107,12 +111,16 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     return ckpt
 
 
-def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
-    """Rebuild a :class:`DToPSegmentor` from a dtop checkpoint and load its weights."""
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", reduction=None):
+    """Rebuild a :class:`DToPSegmentor` from a dtop checkpoint and load its weights. ``reduction``
+    (a :class:`~dtop.models.config.ReductionSpec`) applies a token-reduction alternative to the
+    checkpoint's model: training-free for Expedite, pooling, sampling and shrunk (which reuse the
+    weights); a convolution absent from the checkpoint starts as its 2x2 average."""
     from .models import DToPSegmentor, SegmentorConfig
 
     ckpt = load_checkpoint(path)
-    mcfg = SegmentorConfig.from_dict({**ckpt["model_config"], "pretrained": False})
+    extra = {"reduction": reduction} if reduction is not None else {}
+    mcfg = SegmentorConfig.from_dict({**ckpt["model_config"], "pretrained": False, **extra})
     model = DToPSegmentor(mcfg)
-    check_and_load(model, ckpt["model"], source=str(path))
+    check_and_load(model, ckpt["model"], source=str(path), may_miss=("reducer.",) if reduction is not None else ())
     return model.to(device)

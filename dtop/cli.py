@@ -9,6 +9,25 @@ from typing import Optional, Sequence
 from .errors import DToPError
 
 
+def parse_reduction(text: Optional[str]):
+    """``KIND[,key=value...]`` -> a ReductionSpec, e.g. ``expedite,block=5,cluster_scale=0.75``."""
+    if not text:
+        return None
+    import yaml
+
+    from .errors import ConfigError
+    from .models.config import reduction_from_dict
+
+    kind, *pairs = text.split(",")
+    d: dict = {"kind": kind.strip()}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--reduction: expected key=value after the kind, got {pair!r}")
+        key, value = pair.split("=", 1)
+        d[key.strip()] = yaml.safe_load(value)
+    return reduction_from_dict(d)
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .models import get_config, list_models
 
@@ -21,15 +40,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _cmd_flops(args: argparse.Namespace) -> None:
     from .flops import preset_gflops
 
-    g = preset_gflops(args.name, tuple(args.size), args.num_classes, args.final_head_only, aux_head=args.aux_head)
+    spec = parse_reduction(args.reduction)
+    g = preset_gflops(args.name, tuple(args.size), args.num_classes, args.final_head_only, aux_head=args.aux_head,
+                      reduction=spec)
     result = {"model": args.name, "size": list(args.size), "num_classes": args.num_classes,
-              "final_head_only": args.final_head_only, "gflops": round(g, 4)}
+              "final_head_only": args.final_head_only, "reduction": args.reduction, "gflops": round(g, 4)}
     if args.json:
         print(json.dumps(result))
     else:
         heads = "final head only" if args.final_head_only else "all stage heads"
+        what = f"with {args.reduction}" if args.reduction else "dense"
         print(f"{args.name} at {args.size[0]}x{args.size[1]}, {args.num_classes} classes, {heads}: "
-              f"{g:.2f} GFLOPs (dense)")
+              f"{g:.2f} GFLOPs ({what})")
 
 
 def paper_table_rows() -> list[dict]:
@@ -73,8 +95,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0
     rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out,
-                          dense_checkpoint=args.dense_checkpoint)
+                          dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction))
     print("\n" + summary_table(rows))
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import load_config
+    from .engine.compare import TABLE1, TABLE2, comparison_table, run_compare
+
+    cfg = load_config(args.config, args.set)
+    specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
+    result = run_compare(cfg, args.checkpoint, Path(args.out), methods=args.methods, p0s=args.p0, specs=specs)
+    print("\nTable 1: symmetric downsampling and SegViT shrunk vs DToP\n" + comparison_table(result["rows"], TABLE1))
+    print("\nTable 2: Expedite-ViT vs DToP\n" + comparison_table(result["rows"], TABLE2))
+    print(f"\nwritten: {Path(args.out) / 'compare.json'}, table1.md, table2.md")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -143,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--final-head-only", action="store_true", help="count the final head, not the auxiliary ones")
     sp.add_argument("--aux-head", choices=["atm", "mask", "linear"], default=None,
                     help="auxiliary head type of segmenter_* presets (default atm)")
+    sp.add_argument("--reduction", default=None, metavar="KIND[,key=value...]",
+                    help="count a token-reduction alternative: conv, avgpool, nearest, shrunk or expedite")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_flops)
 
@@ -164,8 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dense-checkpoint", default=None,
                     help="model for the dense baseline (default: --checkpoint run without auxiliary heads)")
     sp.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+    sp.add_argument("--reduction", default=None, metavar="KIND[,key=value...]",
+                    help="evaluate the checkpoint with a token-reduction alternative instead of DToP "
+                         "(e.g. expedite,block=5,cluster_scale=0.75: training-free)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(func=_cmd_eval)
+
+    sp = sub.add_parser("compare", help="the supplement's tables: DToP vs symmetric downsampling, SegViT shrunk "
+                                        "and Expedite-ViT, fine-tuned from one dense checkpoint")
+    sp.add_argument("config", help="the experiment config; its train section is the fine-tuning schedule")
+    sp.add_argument("--checkpoint", required=True, help="the trained dense checkpoint every method starts from")
+    sp.add_argument("--out", required=True, help="output folder (train/, eval/, compare.json, table1.md, table2.md)")
+    sp.add_argument("--methods", nargs="+", default=["dtop", "conv", "avgpool", "nearest", "shrunk", "expedite"],
+                    choices=["dtop", "conv", "avgpool", "nearest", "shrunk", "expedite"])
+    sp.add_argument("--p0", type=float, nargs="+", default=None, help="DToP thresholds (default: eval.p0)")
+    sp.add_argument("--reduction", action="append", default=[], metavar="KIND[,key=value...]",
+                    help="settings of an alternative, e.g. expedite,cluster_scale=0.5 (repeatable)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sp.set_defaults(func=_cmd_compare)
 
     sp = sub.add_parser("bench", help="wall-clock dense vs DToP: batch-1 latency, mixed-batch throughput, memory")
     sp.add_argument("name", nargs="?", default="segvit_vit_b16", help="preset (ignored with --checkpoint)")

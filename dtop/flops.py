@@ -83,9 +83,10 @@ def head_flops(head: nn.Module, n: int) -> int:
 
 
 def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int],
-                    head_tokens: Sequence[int]) -> int:
+                    head_tokens: Sequence[int], reduced: bool = True) -> int:
     """FLOPs of one image's forward through ``model`` (a DToPSegmentor) at input ``size`` (H, W),
-    given the tokens each block processed and the tokens each stage head decoded."""
+    given the tokens each block processed and the tokens each stage head decoded (``reduced=False``:
+    ignoring the model's token-reduction alternative, if it has one)."""
     bb = model.backbone
     vit = bb.vit
     H, W = size
@@ -95,7 +96,7 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
     f = conv.in_channels * conv.out_channels * p * p * N
     f += _norm(getattr(vit.patch_embed, "norm", None), N * bb.embed_dim)
     f += _norm(getattr(vit, "norm_pre", None), (bb.num_prefix + N) * bb.embed_dim)
-    red = getattr(model, "reducer", None)
+    red = getattr(model, "reducer", None) if reduced else None
     shrunk = red is not None and red.kind == "shrunk"
     f += sum(vit_block_flops(blk, int(n), bb.prefix_in_blocks + N if shrunk and i == red.block else None)
              for i, (blk, n) in enumerate(zip(bb.blocks, tokens_per_block)))
@@ -188,10 +189,7 @@ def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block, head_t
 
 
 def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
-    """Token counts of the dense model: every block up to the final head sees all tokens (a model with
-    a token-reduction alternative: the counts of its reduced forward)."""
-    if getattr(model, "reducer", None) is not None:
-        return reduced_counts(model, size, final_head_only)
+    """Token counts of the dense model: every block up to the final head sees all tokens."""
     p = model.backbone.patch_size
     N = (size[0] // p) * (size[1] // p)
     T = N + model.backbone.prefix_in_blocks
@@ -202,8 +200,17 @@ def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) ->
 
 
 def dense_flops(model, size: tuple[int, int], final_head_only: bool = False) -> int:
-    """FLOPs of the dense model at ``size``, with all stage heads or only the final one."""
-    return segmentor_flops(model, size, *dense_counts(model, size, final_head_only))
+    """FLOPs of the dense model at ``size``, with all stage heads or only the final one (a model with a
+    token-reduction alternative: its forward without the reduction, as ``forward_dense`` runs it)."""
+    return segmentor_flops(model, size, *dense_counts(model, size, final_head_only), reduced=False)
+
+
+def static_flops(model, size: tuple[int, int], final_head_only: bool = False) -> int:
+    """FLOPs of the model without early exit: the dense model, or the reduced forward of a model with
+    a token-reduction alternative."""
+    if getattr(model, "reducer", None) is None:
+        return dense_flops(model, size, final_head_only)
+    return segmentor_flops(model, size, *reduced_counts(model, size, final_head_only))
 
 
 # DESIGN.md section 4: (preset, crop, classes, final head only, reference GFLOPs).
@@ -220,11 +227,12 @@ PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
 
 def preset_gflops(name: str, size: tuple[int, int], num_classes: int, final_head_only: bool = False,
                   **overrides) -> float:
-    """Dense GFLOPs of a preset, built on the meta device (no weights allocated)."""
+    """GFLOPs of a preset without early exit (dense, or with a ``reduction`` override), built on the
+    meta device (no weights allocated)."""
     import torch
 
     from .models.registry import create_model
 
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **overrides)
-    return dense_flops(model, size, final_head_only) / 1e9
+    return static_flops(model, size, final_head_only) / 1e9

@@ -213,3 +213,48 @@ def test_shipped_configs_load_and_build(path):
         model = create_model(cfg.model.preset, num_classes=7, **cfg.model.overrides)
     assert model.num_stages >= 2
 
+
+
+# ----------------------------------------------------------------------------- supplement comparisons
+def test_compare_finetunes_evaluates_and_tabulates(tmp_path, capsys):
+    import yaml
+
+    from dtop.cli import main as cli
+
+    dense = train(_tiny_train_cfg(tmp_path / "dense", iters=2))
+    cfg = _tiny_train_cfg(tmp_path / "unused", iters=2)
+    cfg.eval.max_images = 3
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg_path), "--checkpoint", str(dense), "--out", str(out), "--p0", "0",
+            "--methods", "dtop", "avgpool", "shrunk", "expedite", "--reduction", "avgpool,block=2",
+            "--reduction", "expedite,block=1,cluster_scale=0.5"]
+    assert cli(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["dense", "dtop_p0_0", "avgpool", "shrunk", "expedite"]
+    rows = {r["name"]: r for r in result["rows"]}
+    # every alternative saves compute; the trained ones come from their own fine-tuned checkpoints
+    assert all(rows[n]["gflops"] < rows["dense"]["gflops"] for n in names[1:])
+    assert load_checkpoint(out / "train" / "avgpool" / "last.pt")["model_config"]["reduction"]["block"] == 2
+    assert load_checkpoint(out / "train" / "dtop" / "last.pt")["config"]["train"]["scheme"] == "finetune"
+    assert rows["expedite"]["checkpoint"] == str(dense) and not rows["expedite"]["trained"]
+    assert result["reductions"]["expedite"]["cluster_scale"] == 0.5
+    # the GFLOPs in the table are the evaluated ones: the reduced checkpoint's own count
+    metrics = json.loads((out / "eval" / "shrunk" / "metrics.json").read_text())
+    assert metrics["variant"] == "shrunk" and metrics["gflops"] == rows["shrunk"]["gflops"]
+    table1, table2 = (out / "table1.md").read_text(), (out / "table2.md").read_text()
+    assert "2x2 average pooling" in table1 and "SegViT shrunk" in table1 and "Expedite" not in table1
+    assert "Expedite-ViT" in table2 and "DToP (p0 0)" in table2 and "average pooling" not in table2
+    printed = capsys.readouterr().out
+    assert "Table 1" in printed and "Table 2" in printed
+    # a rerun finds the fine-tuned checkpoints and does not train again
+    stamp = (out / "train" / "shrunk" / "last.pt").stat().st_mtime_ns
+    assert cli(argv) == 0
+    assert (out / "train" / "shrunk" / "last.pt").stat().st_mtime_ns == stamp
+    # dtop eval --reduction: a training-free alternative on the dense checkpoint
+    assert cli(["eval", str(cfg_path), "--checkpoint", str(dense), "--reduction", "nearest,block=2",
+                "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert [r["name"] for r in summary] == ["dense", "nearest"] and summary[1]["reduction_pct"] > 0

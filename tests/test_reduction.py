@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import images, tiny_model
 from dtop.errors import ConfigError
-from dtop.flops import dense_flops
+from dtop.flops import dense_flops, static_flops
 from dtop.models import DToPSegmentor, SegmentorConfig
 from dtop.models.config import ReductionSpec, default_block
 from dtop.models.reduction import (SymmetricDownsample, cluster_tokens, query_downsample_block,
@@ -121,7 +121,7 @@ def test_reduced_models_shapes_and_gflops_equal_fvcore(kind, cls_mode):
     assert out.head_tokens[0].tolist() == [0, 0, kept]  # eval: only the final head runs
     flops = round(out.gflops[0].item() * 1e9)
     assert flops == fvcore_count(model, x[:1])
-    assert flops == dense_flops(model, (48, 112), final_head_only=True)
+    assert flops == static_flops(model, (48, 112), final_head_only=True)
     assert flops < dense_flops(tiny_model(("linear", "mask", "atm"), cls_mode=cls_mode), (48, 112), True)
 
 
@@ -132,7 +132,7 @@ def test_training_forward_counts_every_head(kind):
     out = model(x)
     assert len(out.stages) == 3 and all(s.logits.shape == (1, 5, 4, 6) for s in out.stages)
     assert round(out.gflops[0].item() * 1e9) == fvcore_count(model.eval(), x) + (
-        dense_flops(model, (64, 96)) - dense_flops(model, (64, 96), final_head_only=True))
+        static_flops(model, (64, 96)) - static_flops(model, (64, 96), final_head_only=True))
     out.stages[0].logits.sum().backward()  # the heads before the reduction still train the backbone
     assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
 

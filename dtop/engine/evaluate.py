@@ -128,10 +128,17 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         "per_class_acc": {c: _pct(v) for c, v in zip(names, m["acc"])},
         "gflops": round(sum(r["gflops"] for r in rows) / max(1, len(rows)), 4),
         "exit_fractions": [round(float(f), 5) for f in exit_sum / max(1, len(rows))],
-        "num_images": len(rows), "variant": "dense" if dense else "dtop",
-        "p0": None if dense else model.p0,
+        "num_images": len(rows), "variant": variant_kind(model, dense),
+        "p0": None if dense or model.reducer is not None else model.p0,
     }
     return metrics, rows
+
+
+def variant_kind(model, dense: bool) -> str:
+    """``dense``, ``dtop``, or the name of the model's token-reduction alternative."""
+    if dense:
+        return "dense"
+    return "dtop" if model.reducer is None else model.reducer.kind
 
 
 def _pct(v: Tensor) -> Optional[float]:
@@ -180,27 +187,35 @@ def write_results(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, A
 
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float], with_dense: bool = True,
                    out_dir: Optional[Path] = None, dense_checkpoint: Optional[str] = None,
-                   verbose: bool = True) -> list[dict[str, Any]]:
+                   verbose: bool = True, reduction=None) -> list[dict[str, Any]]:
     """Evaluate a checkpoint densely and at each p0; writes ``<out>/<variant>/{metrics.json,per_image.csv}``
-    and ``<out>/summary.json``; returns the summary rows (name, p0, miou, gflops, reduction, exits)."""
+    and ``<out>/summary.json``; returns the summary rows (name, p0, miou, gflops, reduction, exits).
+
+    A checkpoint of a token-reduction alternative (or any checkpoint with ``reduction``, a
+    :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
+    of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``)."""
     from ..checkpoint import load_model
     from .common import build_dataset, progress_enabled, resolve_device
 
     device = resolve_device(cfg.train.device)
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    models = {checkpoint: load_model(checkpoint, device, reduction)}
+    reducer = models[checkpoint].reducer
     variants: list[tuple[str, Optional[float], str]] = []
     if with_dense:
         variants.append(("dense", None, dense_checkpoint or checkpoint))
-    variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
+    if reducer is not None:
+        variants.append((reducer.kind, None, checkpoint))
+    else:
+        variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
     summary: list[dict[str, Any]] = []
-    models: dict[str, Any] = {}
     for name, p0, ckpt in variants:
         model = models.get(ckpt) or load_model(ckpt, device)
         models[ckpt] = model
         if p0 is not None:
             model.set_p0(p0)
-        metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=p0 is None,
+        metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
                                  progress=progress_enabled(), desc=name)
         write_results(out_dir / name, metrics, rows, cfg)
         if verbose:

@@ -172,7 +172,10 @@ def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
 
     raw = _read(path)
     if isinstance(raw, dict) and "model_config" in raw and "model" in raw:
-        check_and_load(model, raw["model"], source=path)
+        # a dense checkpoint may lack the weights of a token-reduction alternative (the conv's)
+        fresh = check_and_load(model, raw["model"], source=path, may_miss=("reducer.",))
+        if dist_info.is_main and fresh:
+            print(f"{path}: left at initialisation: {', '.join(fresh)}")
         return
     from ..convert import load_into
 
