@@ -97,6 +97,40 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out,
                           dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction))
     print("\n" + summary_table(rows))
+    if args.figures:
+        from pathlib import Path
+
+        from .viz import build_report
+
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        print(f"report: {build_report(out, device=cfg.train.device)}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine.common import progress_enabled
+    from .engine.infer import predict_paths
+
+    result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
+                           device=args.device, alpha=args.alpha, progress=progress_enabled())
+    for r in result["images"]:
+        exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
+        print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({r['reduction_pct']:.1f}% fewer than dense), "
+              f"tokens leaving per stage {exits}")
+    print(f"{len(result['images'])} image(s) written to {args.out}" +
+          (f"; {len(result['errors'])} could not be read" if result["errors"] else ""))
+    return 1 if result["errors"] else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .viz import build_report
+
+    path = build_report(Path(args.run_dir), Path(args.out) if args.out else None, p0=args.p0,
+                        num_images=args.images, device=args.device)
+    print(f"report: {path}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -205,8 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reduction", default=None, metavar="KIND[,key=value...]",
                     help="evaluate the checkpoint with a token-reduction alternative instead of DToP "
                          "(e.g. expedite,block=5,cluster_scale=0.75: training-free)")
+    sp.add_argument("--figures", action="store_true", help="also write the figures and report.html (dtop report)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(func=_cmd_eval)
+
+    sp = sub.add_parser("predict", help="segment images: colour map, overlay, exit-stage map, GFLOPs per image")
+    sp.add_argument("checkpoint")
+    sp.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--p0", type=float, default=None, help="exit threshold (default: the checkpoint's)")
+    sp.add_argument("--palette", default=None,
+                    help="dataset whose colours to use (ade20k, pascal_context59, coco_stuff10k, cityscapes, "
+                         "camvid, ...; default: the checkpoint's dataset)")
+    sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=_cmd_predict)
+
+    sp = sub.add_parser("report", help="figures and report.html from a dtop eval or dtop compare output folder")
+    sp.add_argument("run_dir")
+    sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    sp.add_argument("--p0", type=float, default=None, help="the DToP variant to picture (default: nearest 0.9)")
+    sp.add_argument("--images", type=int, default=4, help="rows of Figure 1")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=_cmd_report)
 
     sp = sub.add_parser("compare", help="the supplement's tables: DToP vs symmetric downsampling, SegViT shrunk "
                                         "and Expedite-ViT, fine-tuned from one dense checkpoint")
@@ -260,11 +315,10 @@ def _last_line(message: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0  # a command returns 1 when it finished but some inputs failed
     except DToPError as e:
         print(f"dtop {args.command}: error: {_last_line(str(e))}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -156,6 +156,13 @@ def load_config(path: Optional[Union[str, Path]] = None, sets: Optional[list[str
     return cfg
 
 
+def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    """An ExperimentConfig from a dumped dict (the ``config`` entry of checkpoints and results)."""
+    base = ExperimentConfig().to_dict()
+    _merge(base, d)
+    return _build(ExperimentConfig, base, "")
+
+
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("overrides", "options", "val_options"):

@@ -99,6 +99,7 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
     def run(name: str, model, dense: bool, p0: Optional[float], method: str) -> None:
         metrics, per_image = evaluate(model, dataset, cfg.eval, device, dense=dense, progress=progress_enabled(),
                                       desc=name)
+        metrics["checkpoint"] = checkpoints.get(method, dense_checkpoint)
         write_results(out_dir / "eval" / name, metrics, per_image, cfg)
         rows.append({"name": name, "method": method, "label": LABELS[method], "p0": p0,
                      "miou": metrics["miou"], "gflops": metrics["gflops"],

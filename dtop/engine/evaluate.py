@@ -21,11 +21,14 @@ from ..flops import dense_flops
 
 @dataclass
 class Prediction:
-    """logits: (K, H, W) at the image's size; gflops: this image's total; exit_fractions: (S,)."""
+    """logits: (K, H, W) at the image's size; gflops: this image's total; exit_fractions: (S,);
+    exit_map: (H, W) long, the stage that finalised each pixel's token (overlapping windows: the last)."""
 
     logits: Tensor
     gflops: float
     exit_fractions: Tensor
+    exit_map: Optional[Tensor] = None
+    dense_gflops: float = 0.0  # the dense model's GFLOPs on the same crops (analytic)
 
 
 def _windows(H: int, W: int, window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
@@ -58,23 +61,29 @@ def predict(model, image: Tensor, ecfg: EvalSection, dense: bool = False, max_ba
     K, S = model.num_classes, model.num_stages
     summed = image.new_zeros(K, H, W)
     count = image.new_zeros(1, H, W)
-    gflops = 0.0
+    exit_map = torch.full((H, W), S - 1, dtype=torch.long, device=image.device)
+    gflops = dense_gflops = 0.0
     exits = torch.zeros(S)
     for start in range(0, len(boxes), max_batch):
         chunk = crops[start:start + max_batch]
+        stage_maps = None
+        dense_gflops += len(chunk) * dense_flops(model, tuple(chunk.shape[-2:]), final_head_only=True) / 1e9
         if dense:
             logits = model.forward_dense(chunk)
-            gflops += len(chunk) * dense_flops(model, tuple(chunk.shape[-2:]), final_head_only=True) / 1e9
+            gflops = dense_gflops
             exits[-1] += len(chunk)
         else:
             out = model(chunk)
             logits = out.logits
             gflops += float(out.gflops.sum())
             exits += out.exit_fractions().sum(0).cpu()
-        for (y1, y2, x1, x2), lg in zip(boxes[start:start + max_batch], logits):
+            stage_maps = F.interpolate(out.exit_stage[:, None].float(), size=chunk.shape[-2:], mode="nearest")[:, 0]
+        for j, ((y1, y2, x1, x2), lg) in enumerate(zip(boxes[start:start + max_batch], logits)):
             summed[:, y1:y2, x1:x2] += lg[:, : y2 - y1, : x2 - x1].float()
             count[:, y1:y2, x1:x2] += 1
-    return Prediction(summed / count, gflops, exits / len(boxes))
+            if stage_maps is not None:
+                exit_map[y1:y2, x1:x2] = stage_maps[j, : y2 - y1, : x2 - x1].long()
+    return Prediction(summed / count, gflops, exits / len(boxes), exit_map, dense_gflops)
 
 
 def intersection_union(hist: Tensor) -> dict[str, Any]:
@@ -217,6 +226,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
             model.set_p0(p0)
         metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
                                  progress=progress_enabled(), desc=name)
+        metrics["checkpoint"] = str(ckpt)
         write_results(out_dir / name, metrics, rows, cfg)
         if verbose:
             print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")

@@ -1,0 +1,255 @@
+"""``dtop report RUN_DIR`` (and ``dtop eval --figures``): the figures and a self-contained report.html.
+
+RUN_DIR is the output of ``dtop eval`` (``summary.json`` and one folder per variant) or of
+``dtop compare`` (``compare.json`` and ``eval/<variant>/``). Written to ``RUN_DIR/report/`` unless
+told otherwise: ``figure1.png`` (per image: image, ground truth, dense, DToP, exit stages; images
+across the range of savings), ``figure2.png`` (per-category IoU, dense vs DToP), ``sweep.png`` (mIoU
+against GFLOPs, with the other methods' points), and ``report.html`` with the figures embedded.
+Figure 1 reruns the dense and DToP checkpoints named in the metrics on the chosen validation images.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from .figures import Sample, figure1, figure2, sweep_plot
+
+LABELS = {"dense": "dense baseline", "conv": "stride-2 convolution", "avgpool": "2x2 average pooling",
+          "nearest": "2x2 nearest sampling", "shrunk": "SegViT shrunk", "expedite": "Expedite-ViT", "dtop": "DToP"}
+
+
+@dataclass
+class Variant:
+    """One evaluated variant of a run."""
+
+    name: str
+    method: str  # dense, dtop, or a token-reduction alternative
+    p0: Optional[float]
+    miou: float
+    gflops: float
+    folder: Path  # holds metrics.json and per_image.csv
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads((self.folder / "metrics.json").read_text())
+
+    def per_image(self) -> list[dict[str, str]]:
+        with open(self.folder / "per_image.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.method, self.method) + (f" (p0 {self.p0:g})" if self.p0 is not None else "")
+
+
+def load_run(run_dir: Path) -> tuple[list[Variant], bool]:
+    """The variants of an eval or compare output folder, dense first; and whether it is a comparison."""
+    run_dir = Path(run_dir)
+    if (run_dir / "compare.json").is_file():
+        rows = json.loads((run_dir / "compare.json").read_text())["rows"]
+        base, compare = run_dir / "eval", True
+    elif (run_dir / "summary.json").is_file():
+        rows = json.loads((run_dir / "summary.json").read_text())
+        base, compare = run_dir, False
+    else:
+        raise ConfigError(f"{run_dir} holds no evaluation: expected summary.json (dtop eval) or compare.json "
+                          f"(dtop compare)")
+    variants = []
+    for r in rows:
+        folder = base / r["name"]
+        if not (folder / "metrics.json").is_file():
+            raise ConfigError(f"{folder / 'metrics.json'} is missing: the run folder is incomplete")
+        kind = json.loads((folder / "metrics.json").read_text()).get("variant", "dtop")
+        variants.append(Variant(r["name"], kind, r.get("p0"), float(r["miou"]), float(r["gflops"]), folder))
+    variants.sort(key=lambda v: v.method != "dense")
+    return variants, compare
+
+
+def pick_dtop(variants: list[Variant], p0: Optional[float]) -> Optional[Variant]:
+    """The DToP variant at ``p0`` (default: the one nearest the paper's 0.9)."""
+    dtop = [v for v in variants if v.method == "dtop"]
+    if not dtop:
+        return None
+    target = 0.9 if p0 is None else p0
+    best = min(dtop, key=lambda v: abs(v.p0 - target))
+    if p0 is not None and abs(best.p0 - p0) > 1e-9:
+        raise ConfigError(f"no DToP variant at p0 {p0:g}; the run has {', '.join(f'{v.p0:g}' for v in dtop)}")
+    return best
+
+
+def spread(values: list[float], n: int) -> list[int]:
+    """Indices of ``n`` entries evenly spread over the sorted ``values`` (lowest and highest included)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    if n >= len(order):
+        return order
+    return [order[round(j * (len(order) - 1) / max(1, n - 1))] for j in range(n)]
+
+
+def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto") -> tuple[list[Sample], Any]:
+    """Rerun the dense and DToP checkpoints on ``n`` validation images chosen across the range of
+    per-image GFLOPs savings. Returns the samples and the model (for its stages)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ..checkpoint import load_model
+    from ..config import config_from_dict
+    from ..engine.common import build_dataset, resolve_device
+    from ..engine.evaluate import predict
+    from .colors import denormalize
+
+    dm, tm = dense.metrics, dtop.metrics
+    for v, m in ((dense, dm), (dtop, tm)):
+        if not m.get("checkpoint") or not Path(m["checkpoint"]).is_file():
+            raise ConfigError(f"{v.name}: checkpoint {m.get('checkpoint')!r} not found (Figure 1 reruns it)")
+    cfg = config_from_dict(tm["config"])
+    rows_d, rows_t = dense.per_image(), dtop.per_image()
+    savings = [1 - float(t["gflops"]) / float(d["gflops"]) for d, t in zip(rows_d, rows_t)]
+    chosen = spread(savings, n)
+    dev = resolve_device(device)
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    dense_model = load_model(dm["checkpoint"], dev).eval()
+    dtop_model = dense_model if tm["checkpoint"] == dm["checkpoint"] else load_model(tm["checkpoint"], dev).eval()
+    samples = []
+    for i in sorted(chosen, key=lambda i: savings[i]):
+        item = dataset[i]
+        if item["name"] != rows_t[i]["file"]:
+            raise ConfigError(f"validation image {i} is {item['name']}, the evaluation had {rows_t[i]['file']}: "
+                              f"the dataset changed since")
+        label = item["label"].numpy()
+        size = label.shape
+        dtop_model.set_p0(dtop.p0)
+        with torch.no_grad():
+            pd = predict(dense_model, item["image"].to(dev), cfg.eval, dense=True)
+            pt = predict(dtop_model, item["image"].to(dev), cfg.eval)
+
+        def at_label(x, mode="bilinear"):
+            x = x[None].float() if x.dim() == 3 else x[None, None].float()
+            kw = {"align_corners": False} if mode == "bilinear" else {}
+            return F.interpolate(x, size=size, mode=mode, **kw)[0]
+
+        image = np.asarray(Image.fromarray(denormalize(item["image"], cfg.data.mean, cfg.data.std))
+                           .resize((size[1], size[0]), Image.BILINEAR))
+        samples.append(Sample(
+            name=Path(item["name"]).name, image=image, label=label,
+            dense=at_label(pd.logits).argmax(0).cpu().numpy(), dtop=at_label(pt.logits).argmax(0).cpu().numpy(),
+            exit_stage=at_label(pt.exit_map, "nearest")[0].long().cpu().numpy(),
+            reduction_pct=100 * savings[i], acc_dense=100 * float(rows_d[i]["pixel_acc"]),
+            acc_dtop=100 * float(rows_t[i]["pixel_acc"])))
+    return samples, dtop_model
+
+
+def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[float] = None, num_images: int = 4,
+                 device: str = "auto") -> Path:
+    """Write the figures and report.html; returns the path of report.html."""
+    from ..engine.infer import palette_for, stage_names
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants, compare = load_run(run_dir)
+    dense = next((v for v in variants if v.method == "dense"), None)
+    dtop = pick_dtop(variants, p0)
+    figures: list[tuple[str, Path, str]] = []
+    notes: list[str] = []
+    if dense is not None and dtop is not None:
+        try:
+            samples, model = figure1_samples(dense, dtop, num_images, device)
+            data_name = dtop.metrics["config"]["data"]["name"]
+            palette, _ = palette_for(model, data_name)
+            figures.append(("Figure 1: where tokens exit, per image", figure1(
+                samples, palette, stage_names(model), out_dir / "figure1.png", dtop_label=f"DToP p0 {dtop.p0:g}"),
+                "Images across the range of per-image GFLOPs savings (least saved at the top). Columns: image, "
+                "ground truth, dense prediction, DToP prediction, and the stage at which each token left. "
+                "Accuracy is category-agnostic pixel accuracy."))
+        except ConfigError as e:
+            notes.append(f"Figure 1 left out: {e}")
+        dm, tm = dense.metrics, dtop.metrics
+        classes = list(dm["per_class_iou"])
+        figures.append(("Figure 2: per-category IoU", figure2(
+            classes, [dm["per_class_iou"][c] for c in classes], [tm["per_class_iou"][c] for c in classes],
+            out_dir / "figure2.png", labels=("dense", f"DToP p0 {dtop.p0:g}")),
+            "Classes absent from the validation data have no bars."))
+    elif dtop is None:
+        notes.append("Figures 1 and 2 need a DToP variant; this run has none.")
+    else:
+        notes.append("Figures 1 and 2 need a dense variant; this run has none.")
+    points = [{"method": v.method, "label": v.label if v.method != "dtop" else "DToP", "gflops": v.gflops,
+               "miou": v.miou, "p0": v.p0} for v in variants]
+    figures.append(("mIoU against GFLOPs", sweep_plot(points, out_dir / "sweep.png"),
+                    "DToP at each evaluated p0" + (", with the other methods of the comparison" if compare else "")
+                    + "; the star is the dense model."))
+    page = _html(run_dir, variants, dense, dtop, figures, notes, compare)
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _html(run_dir: Path, variants: list[Variant], dense: Optional[Variant], dtop: Optional[Variant],
+          figures: list[tuple[str, Path, str]], notes: list[str], compare: bool) -> str:
+    base = dense.gflops if dense is not None else None
+    rows = []
+    for v in variants:
+        m = v.metrics
+        saved = "" if base is None else f"{100 * (1 - v.gflops / base):.1f}%"
+        exits = " / ".join(f"{100 * f:.1f}%" for f in m.get("exit_fractions", [])) if v.method == "dtop" else ""
+        rows.append([v.label, f"{v.miou:.2f}", f"{m.get('macc', float('nan')):.2f}", f"{v.gflops:.3f}", saved, exits])
+    parts = ["<h2>Results</h2>", _table(["variant", "mIoU", "mAcc", "GFLOPs / image", "GFLOPs saved",
+                                          "tokens leaving at each stage"], rows)]
+    if compare:
+        parts.append("<p>All methods start from the same dense checkpoint; the trained ones were fine-tuned with "
+                     "the same schedule, Expedite-ViT is training-free.</p>")
+    for title, path, caption in figures:
+        parts.append(f"<h2>{html.escape(title)}</h2><figure><img src=\"{_png(path)}\" alt=\"{html.escape(title)}\">"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if dense is not None and dtop is not None:
+        dm, tm = dense.metrics, dtop.metrics
+        cls_rows = [[c, _f(dm["per_class_iou"][c]), _f(tm["per_class_iou"][c]),
+                     _f(None if dm["per_class_iou"][c] is None or tm["per_class_iou"][c] is None
+                        else tm["per_class_iou"][c] - dm["per_class_iou"][c], signed=True)]
+                    for c in dm["per_class_iou"]]
+        parts += ["<h2>Per-class IoU</h2>", _table(["class", "dense", dtop.label, "difference"], cls_rows)]
+    parts += [f"<p class=\"note\">{html.escape(n)}</p>" for n in notes]
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dtop report: {html.escape(str(run_dir))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1280px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+thead {{ background: #f2f2f2; }}
+img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+figcaption, .note {{ color: #555; font-size: 0.9em; }}
+</style></head>
+<body>
+<h1>DToP report</h1>
+<p>Run: <code>{html.escape(str(run_dir))}</code>; generated {stamp} by <code>dtop report</code>.</p>
+{"".join(parts)}
+</body></html>
+"""
+
+
+def _f(v: Optional[float], signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
