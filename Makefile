@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dtop-installed
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gallery
 
 venv: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The README gallery (docs/gallery/) from the CamVid comparison: run `python benchmarks/compare_camvid.py` first.
+GALLERY_IMAGE ?= ../shared/data/camvid/val/0016E5_07959.png
+gallery: $(STAMP)
+	$(VENV)/bin/dtop report runs/camvid/compare --out docs/gallery --images 3 --max-width 900
+	$(VENV)/bin/dtop predict runs/camvid/compare/train/dtop/last.pt $(GALLERY_IMAGE) --p0 0.9 --out docs/gallery/predict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -129,7 +129,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from .viz import build_report
 
     path = build_report(Path(args.run_dir), Path(args.out) if args.out else None, p0=args.p0,
-                        num_images=args.images, device=args.device)
+                        num_images=args.images, device=args.device, max_width=args.max_width)
     print(f"report: {path}")
 
 
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     sp.add_argument("--p0", type=float, default=None, help="the DToP variant to picture (default: nearest 0.9)")
     sp.add_argument("--images", type=int, default=4, help="rows of Figure 1")
+    sp.add_argument("--max-width", type=int, default=None, metavar="PX",
+                    help="scale the figures down to this width with a 256-colour palette (small files)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=_cmd_report)
 

@@ -104,6 +104,10 @@ def test_report_figures_have_the_expected_sizes(evaluated):
     assert "DToP (p0 0)" in page and "Per-class IoU" in page
     variants, compare = load_run(run)
     assert [v.method for v in variants] == ["dense", "dtop", "dtop"] and not compare
+    # gallery-sized copies
+    assert main(["report", str(run), "--out", str(run / "small"), "--images", "2", "--max-width", "320"]) == 0
+    assert _png_size(run / "small" / "sweep.png") == (320, 220)
+    assert _png_size(run / "small" / "figure1.png")[0] == 320
 
 
 def test_report_errors_are_clear(tmp_path, capsys):
@@ -138,3 +142,15 @@ def test_report_opens_in_headless_chromium(evaluated):
     assert len(images) == 3 and all(i["ok"] for i in images), images
     assert {(i["w"], i["h"]) for i in images if i["alt"] == "mIoU against GFLOPs"} == {(640, 440)}
     assert title.startswith("dtop report")
+
+
+def test_eval_figures_writes_the_report(trained, tmp_path):
+    import yaml
+
+    ckpt, cfg, _ = trained
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    out = tmp_path / "ev"
+    assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "0", "--out", str(out), "--figures"]) == 0
+    assert {p.name for p in (out / "report").iterdir()} == {"figure1.png", "figure2.png", "sweep.png", "report.html"}
+    assert json.loads((out / "dtop_p0_0" / "metrics.json").read_text())["checkpoint"] == str(ckpt)

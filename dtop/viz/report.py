@@ -148,9 +148,21 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
     return samples, dtop_model
 
 
+def shrink_png(path: Path, max_width: int) -> None:
+    """Scale a PNG down to ``max_width`` pixels wide (aspect kept) with a 256-colour palette: gallery-sized."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > max_width:
+            im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+        im.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[float] = None, num_images: int = 4,
-                 device: str = "auto") -> Path:
-    """Write the figures and report.html; returns the path of report.html."""
+                 device: str = "auto", max_width: Optional[int] = None) -> Path:
+    """Write the figures and report.html; returns the path of report.html. ``max_width``: scale the
+    figures down to at most this many pixels wide (small files, e.g. for a README gallery)."""
     from ..engine.infer import palette_for, stage_names
 
     run_dir = Path(run_dir)
@@ -188,6 +200,9 @@ def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[flo
     figures.append(("mIoU against GFLOPs", sweep_plot(points, out_dir / "sweep.png"),
                     "DToP at each evaluated p0" + (", with the other methods of the comparison" if compare else "")
                     + "; the star is the dense model."))
+    if max_width is not None:
+        for _, path, _ in figures:
+            shrink_png(path, max_width)
     page = _html(run_dir, variants, dense, dtop, figures, notes, compare)
     path = out_dir / "report.html"
     path.write_text(page)
