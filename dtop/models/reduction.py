@@ -190,8 +190,9 @@ class TokenReducer(nn.Module):
         pre, t = x[:, :prefix], x[:, prefix:]
         if self.kind == "expedite":
             s = self.spec
-            c = cluster_tokens(t, grid, self.reduced_grid(grid), s.iters, s.tau, s.window)
-            weights = reconstruction_weights(t, c, s.tau, s.topk)
-            return torch.cat([pre, c], dim=1), lambda v: reconstruct(v, weights.to(v.dtype))
+            tf = t.float()  # distances in fp32 also under autocast: exp(-tau * d) is sensitive to rounding
+            c = cluster_tokens(tf, grid, self.reduced_grid(grid), s.iters, s.tau, s.window)
+            weights = reconstruction_weights(tf, c, s.tau, s.topk)
+            return torch.cat([pre, c.to(x.dtype)], dim=1), lambda v: reconstruct(v, weights.to(v.dtype))
         t, small = self.down(t, grid)
         return torch.cat([pre, t], dim=1), lambda v: upsample_tokens(v, small, grid)
