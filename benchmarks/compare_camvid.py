@@ -25,6 +25,11 @@ from results import replace_section  # noqa: E402
 CONFIG = "configs/camvid_vit_t16.yaml"
 
 
+def _settings(kind: str, spec: dict) -> str:
+    shown = {a: v for a, v in spec.items() if a != "kind" and (kind == "expedite" or a == "block")}
+    return f"{kind}: " + ", ".join(f"{a}={v}" for a, v in shown.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"))
@@ -64,10 +69,9 @@ def main() -> None:
         shlex.join(["dtop", *cmd[3:]]),
         "```",
         "",
-        "Settings of the alternatives: " + "; ".join(
-            f"{k}: " + ", ".join(f"{a}={v}" for a, v in spec.items() if a != "kind" and (k == "expedite" or a == "block"))
-            for k, spec in result["reductions"].items()) + " (block None: the supplement's place, "
-        "after layer 9 for the symmetric operators, layer 8 for shrunk, layer 6 for Expedite).",
+        "Settings of the alternatives: " + "; ".join(_settings(k, spec) for k, spec in result["reductions"].items())
+        + " (block None: the supplement's place, after layer 9 for the symmetric operators, layer 8 for shrunk, "
+        "layer 6 for Expedite).",
         "",
         "Table 1 (symmetric downsampling and SegViT shrunk vs DToP), from `table1.md`:",
         "",

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file, check_and_load

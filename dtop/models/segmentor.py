@@ -247,7 +247,6 @@ class DToPSegmentor(nn.Module):
                                   exit_stage=exit_stage[:, :N].reshape(B, *grid), tokens_per_block=tokens_per_block,
                                   head_tokens=head_tokens, gflops=gflops, stages=stages)
 
-
     def forward_reduced(self, images: Tensor) -> SegmentationOutput:
         """The supplement's alternatives (no early exit): every image's tokens are reduced at the reducer's
         block; each stage head decodes the tokens of its block and its output is brought back to the
