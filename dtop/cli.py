@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 from .errors import DToPError
 
+COMPARE_METHODS = ("dtop", "dense_ft", "conv", "avgpool", "nearest", "shrunk", "expedite")  # dtop.engine.compare
+
 
 def parse_reduction(text: Optional[str]):
     """``KIND[,key=value...]`` -> a ReductionSpec, e.g. ``expedite,block=5,cluster_scale=0.75``."""
@@ -270,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="the experiment config; its train section is the fine-tuning schedule")
     sp.add_argument("--checkpoint", required=True, help="the trained dense checkpoint every method starts from")
     sp.add_argument("--out", required=True, help="output folder (train/, eval/, compare.json, table1.md, table2.md)")
-    sp.add_argument("--methods", nargs="+", default=["dtop", "conv", "avgpool", "nearest", "shrunk", "expedite"],
-                    choices=["dtop", "conv", "avgpool", "nearest", "shrunk", "expedite"])
+    sp.add_argument("--methods", nargs="+", default=list(COMPARE_METHODS), choices=list(COMPARE_METHODS),
+                    help="dense_ft: the dense model fine-tuned with the same schedule (a control for the extra "
+                         "iterations); default: all")
     sp.add_argument("--p0", type=float, nargs="+", default=None, help="DToP thresholds (default: eval.p0)")
     sp.add_argument("--reduction", action="append", default=[], metavar="KIND[,key=value...]",
                     help="settings of an alternative, e.g. expedite,cluster_scale=0.5 (repeatable)")

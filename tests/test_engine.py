@@ -228,15 +228,16 @@ def test_compare_finetunes_evaluates_and_tabulates(tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     out = tmp_path / "cmp"
     argv = ["compare", str(cfg_path), "--checkpoint", str(dense), "--out", str(out), "--p0", "0",
-            "--methods", "dtop", "avgpool", "shrunk", "expedite", "--reduction", "avgpool,block=2",
+            "--methods", "dtop", "dense_ft", "avgpool", "shrunk", "expedite", "--reduction", "avgpool,block=2",
             "--reduction", "expedite,block=1,cluster_scale=0.5"]
     assert cli(argv) == 0
     result = json.loads((out / "compare.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["dense", "dtop_p0_0", "avgpool", "shrunk", "expedite"]
+    assert names == ["dense", "dtop_p0_0", "dense_ft", "avgpool", "shrunk", "expedite"]
     rows = {r["name"]: r for r in result["rows"]}
     # every alternative saves compute; the trained ones come from their own fine-tuned checkpoints
-    assert all(rows[n]["gflops"] < rows["dense"]["gflops"] for n in names[1:])
+    assert all(rows[n]["gflops"] < rows["dense"]["gflops"] for n in names[1:] if n != "dense_ft")
+    assert rows["dense_ft"]["gflops"] == rows["dense"]["gflops"] and rows["dense_ft"]["trained"]
     assert load_checkpoint(out / "train" / "avgpool" / "last.pt")["model_config"]["reduction"]["block"] == 2
     assert load_checkpoint(out / "train" / "dtop" / "last.pt")["config"]["train"]["scheme"] == "finetune"
     assert rows["expedite"]["checkpoint"] == str(dense) and not rows["expedite"]["trained"]
@@ -247,6 +248,11 @@ def test_compare_finetunes_evaluates_and_tabulates(tmp_path, capsys):
     table1, table2 = (out / "table1.md").read_text(), (out / "table2.md").read_text()
     assert "2x2 average pooling" in table1 and "SegViT shrunk" in table1 and "Expedite" not in table1
     assert "Expedite-ViT" in table2 and "DToP (p0 0)" in table2 and "average pooling" not in table2
+    assert "dense, fine-tuned likewise" in table1 and "dense, fine-tuned likewise" in table2
+    # the report of a comparison shows every method
+    assert cli(["report", str(out), "--images", "1"]) == 0
+    page = (out / "report" / "report.html").read_text()
+    assert all(label in page for label in ("2x2 average pooling", "SegViT shrunk", "Expedite-ViT", "fine-tuned likewise"))
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "Table 2" in printed
     # a rerun finds the fine-tuned checkpoints and does not train again

@@ -25,23 +25,26 @@ from ..models.config import REDUCTIONS, ReductionSpec
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
 TABLE2 = ("expedite",)
-METHODS = ("dtop", *TABLE1, *TABLE2)
+METHODS = ("dtop", "dense_ft", *TABLE1, *TABLE2)
 TRAINING_FREE = ("expedite",)
-LABELS = {"dense": "dense baseline", "conv": "stride-2 convolution", "avgpool": "2x2 average pooling",
-          "nearest": "2x2 nearest sampling", "shrunk": "SegViT shrunk (query downsampling)",
-          "expedite": "Expedite-ViT (no fine-tuning)", "dtop": "DToP"}
+LABELS = {"dense": "dense baseline", "dense_ft": "dense, fine-tuned likewise", "conv": "stride-2 convolution",
+          "avgpool": "2x2 average pooling", "nearest": "2x2 nearest sampling",
+          "shrunk": "SegViT shrunk (query downsampling)", "expedite": "Expedite-ViT (no fine-tuning)", "dtop": "DToP"}
 
 
 def finetune_config(cfg: ExperimentConfig, dense_checkpoint: str, method: str, out_dir: Path,
                     spec: Optional[ReductionSpec] = None) -> ExperimentConfig:
     """The config that fine-tunes ``method`` from the dense checkpoint with ``cfg.train``'s schedule:
     DToP with pruning on (scheme ``finetune``); an alternative as a model option, trained with every
-    stage head's loss like the dense model (scheme ``dense``)."""
+    stage head's loss like the dense model (scheme ``dense``); ``dense_ft`` the dense model itself (the
+    control: what the extra iterations alone give)."""
     c = copy.deepcopy(cfg)
     c.out_dir = str(out_dir)
     c.train.init_checkpoint = dense_checkpoint
     if method == "dtop":
         c.train.scheme = "finetune"
+    elif method == "dense_ft":
+        c.train.scheme = "dense"
     else:
         c.train.scheme = "dense"
         c.model.overrides = {**c.model.overrides, "reduction": asdict(spec or ReductionSpec(method))}
@@ -110,7 +113,9 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
 
     run("dense", load_model(dense_checkpoint, device), True, None, "dense")
     for m in methods:
-        if m == "dtop":
+        if m == "dense_ft":
+            run(m, load_model(checkpoints[m], device), True, None, m)
+        elif m == "dtop":
             model = load_model(checkpoints[m], device)
             for p in p0s:
                 model.set_p0(float(p))
@@ -131,9 +136,9 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
 
 
 def comparison_table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
-    """Method, GFLOPs, mIoU (Table-1/Table-2 style): the dense row, the given alternatives, then DToP."""
-    picked = [r for r in rows if r["method"] == "dense"] + [r for r in rows if r["method"] in kinds] + \
-        [r for r in rows if r["method"] == "dtop"]
+    """Method, GFLOPs, mIoU (Table-1/Table-2 style): the dense rows, the given alternatives, then DToP."""
+    picked = [r for r in rows if r["method"] in ("dense", "dense_ft")] + \
+        [r for r in rows if r["method"] in kinds] + [r for r in rows if r["method"] == "dtop"]
     out = ["| method | fine-tuned | GFLOPs | GFLOPs saved | mIoU | mIoU vs dense |", "|---|---|---|---|---|---|"]
     for r in picked:
         label = r["label"] + (f" (p0 {r['p0']:g})" if r["p0"] is not None else "")

@@ -20,11 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..engine.compare import LABELS
 from ..errors import ConfigError
 from .figures import Sample, figure1, figure2, sweep_plot
-
-LABELS = {"dense": "dense baseline", "conv": "stride-2 convolution", "avgpool": "2x2 average pooling",
-          "nearest": "2x2 nearest sampling", "shrunk": "SegViT shrunk", "expedite": "Expedite-ViT", "dtop": "DToP"}
 
 
 @dataclass
@@ -68,7 +66,7 @@ def load_run(run_dir: Path) -> tuple[list[Variant], bool]:
         folder = base / r["name"]
         if not (folder / "metrics.json").is_file():
             raise ConfigError(f"{folder / 'metrics.json'} is missing: the run folder is incomplete")
-        kind = json.loads((folder / "metrics.json").read_text()).get("variant", "dtop")
+        kind = r.get("method") or json.loads((folder / "metrics.json").read_text()).get("variant", "dtop")
         variants.append(Variant(r["name"], kind, r.get("p0"), float(r["miou"]), float(r["gflops"]), folder))
     variants.sort(key=lambda v: v.method != "dense")
     return variants, compare
