@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--camvid-checkpoint", default="runs/camvid/dtop/last.pt")
     ap.add_argument("--camvid-images", default=str(ROOT.parent / "shared" / "data" / "camvid" / "val"))
     a = ap.parse_args()
-    rep = ["--warmup", "1", "--repeats", "1" if a.quick else "3"]
+    rep = ["--warmup", "1", "--repeats", "1" if a.quick else "5"]
     table = ["| model, exit pattern | device | path | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
              " realised batch 1 | realised mixed | peak MB dense / DToP |", "|---|---|---|---|---|---|---|---|---|"]
     commands = []
@@ -87,8 +87,10 @@ def main() -> None:
         "(1 - time ratio) / (1 - FLOP ratio). The dense model is the plain segmentor (final head only); DToP "
         "counts its auxiliary heads. Forced exit patterns pick random tokens at the first exit stage; the "
         "trained CamVid row prunes real images. `per_image` is the authors' code path (a Python loop over the "
-        "images of a batch); `packed` and `padded` are the batched layouts. Peak memory on CPU is the peak of live "
-        "tensor storage (TorchDispatchMode), on CUDA `max_memory_allocated`.", "",
+        "images of a batch); `packed` and `padded` are the batched layouts. Peak memory on CPU is the peak of the tensor "
+        "storage the forward allocates (TorchDispatchMode; weights and inputs are not counted: before commit "
+        "0fd4052 views of the weights were, which charged DToP's extra head weights as activations), on CUDA "
+        "`max_memory_allocated` (weights included, so DToP's auxiliary heads add their weights there).", "",
         *table, "",
         "H200 rows come from `benchmarks/gpu_run.sh` on a lent H200 (torch 2.11, JSON in `benchmarks/results/`), "
         "run before commit 681632b removed per-block host syncs and the per-image Python GFLOPs loop, and with the "
