@@ -65,7 +65,7 @@ def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "c
     and wrongly shaped keys, raised before any weight is copied. Keys starting with a prefix in
     ``may_miss`` may be absent (they keep their initialisation); returns those that were."""
     own = module.state_dict()
-    allowed = sorted(k for k in set(own) - set(state) if k.startswith(may_miss) and may_miss)
+    allowed = sorted(k for k in set(own) - set(state) if k.startswith(may_miss))
     missing = sorted(set(own) - set(state) - set(allowed))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

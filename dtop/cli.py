@@ -100,12 +100,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                           dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction))
     print("\n" + summary_table(rows))
     if args.figures:
-        from pathlib import Path
-
+        from .engine.evaluate import eval_dir
         from .viz import build_report
 
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-        print(f"report: {build_report(out, device=cfg.train.device)}")
+        print(f"report: {build_report(eval_dir(args.checkpoint, args.out), device=cfg.train.device)}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

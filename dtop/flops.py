@@ -112,30 +112,25 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
 def reduction_flops(model, grid: tuple[int, int], head_tokens: Sequence[int]) -> int:
     """The cost of a token-reduction alternative (:mod:`dtop.models.reduction`) beyond its blocks and heads:
     the reduction itself, and bringing the output of every head that ran after it back to the token grid."""
-    from .models.reduction import cluster_grid, half_grid
-
     red = model.reducer
     C, K = model.backbone.embed_dim, model.num_classes
     N = grid[0] * grid[1]
+    h2, w2 = red.reduced_grid(grid)
     after = [n for s, n in zip(model.stage_blocks, head_tokens) if s >= red.block and int(n) > 0]
     per_map = 2 if model.space == "prob" else 1  # the prob space brings back both probabilities and logits
     if red.kind == "expedite":
-        m = cluster_grid(grid, red.spec.cluster_scale)
-        m = m[0] * m[1]
+        m = h2 * w2
         f = N * C + red.spec.iters * 2 * N * m * C + N * m * C  # init pool; per iteration distances, means; weights
         return f + len(after) * per_map * K * m * N  # reconstruction matmul
-    h2, w2 = half_grid(grid)
     f = C * C * 4 * h2 * w2 if red.kind == "conv" else 0  # pooling and sampling count zero (fvcore)
     return f + len(after) * per_map * 4 * K * (2 * h2) * (2 * w2)  # bilinear x2 upsampling
 
 
 def reduced_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
     """Token counts of a model with a token-reduction alternative (same for every image)."""
-    from .models.reduction import cluster_grid, half_grid
-
     red, bb = model.reducer, model.backbone
     grid = (size[0] // bb.patch_size, size[1] // bb.patch_size)
-    small = cluster_grid(grid, red.spec.cluster_scale) if red.kind == "expedite" else half_grid(grid)
+    small = red.reduced_grid(grid)
     N, m, P = grid[0] * grid[1], small[0] * small[1], bb.prefix_in_blocks
     last = model.stage_blocks[-1]
     full = [i < red.block or (i == red.block and red.kind != "shrunk") for i in range(bb.depth)]

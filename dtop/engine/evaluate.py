@@ -30,6 +30,17 @@ class Prediction:
     exit_map: Optional[Tensor] = None
     dense_gflops: float = 0.0  # the dense model's GFLOPs on the same crops (analytic)
 
+    def label_map(self, size: Sequence[int]) -> Tensor:
+        """(H, W) predicted classes at ``size`` (scores upsampled bilinearly first), on the CPU."""
+        logits = self.logits
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+        return logits.argmax(0).cpu()
+
+    def exit_stages(self, size: Sequence[int]) -> Tensor:
+        """(H, W) exit stage of every pixel at ``size`` (nearest), on the CPU."""
+        return F.interpolate(self.exit_map[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long().cpu()
+
 
 def _windows(H: int, W: int, window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """mmseg-style sliding windows (y1, y2, x1, x2) covering an H x W image."""
@@ -119,10 +130,7 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         sample = dataset[i]
         label = sample["label"]
         pred_out = predict(model, sample["image"].to(device), ecfg, dense=dense)
-        logits = pred_out.logits
-        if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
-        pred = logits.argmax(0).cpu()
+        pred = pred_out.label_map(label.shape[-2:])
         update_histogram(hist, pred, label, dataset.ignore_index)
         valid = label != dataset.ignore_index
         acc = float((pred[valid] == label[valid]).float().mean()) if valid.any() else math.nan
@@ -194,6 +202,11 @@ def write_results(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, A
         writer.writerows(rows)
 
 
+def eval_dir(checkpoint: str, out_dir: Optional[Path] = None) -> Path:
+    """Where an evaluation writes: ``out_dir``, by default ``<checkpoint folder>/eval``."""
+    return Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+
+
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float], with_dense: bool = True,
                    out_dir: Optional[Path] = None, dense_checkpoint: Optional[str] = None,
                    verbose: bool = True, reduction=None) -> list[dict[str, Any]]:
@@ -207,7 +220,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     from .common import build_dataset, progress_enabled, resolve_device
 
     device = resolve_device(cfg.train.device)
-    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    out_dir = eval_dir(checkpoint, out_dir)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     models = {checkpoint: load_model(checkpoint, device, reduction)}
     reducer = models[checkpoint].reducer

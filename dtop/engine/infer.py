@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -108,10 +107,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
         x, _ = transform(rgb)
         pred = predict(model, x.to(dev), cfg.eval)
         H, W = rgb.shape[:2]
-        logits = F.interpolate(pred.logits[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
-        label = logits.argmax(0).cpu().numpy()
-        exits = F.interpolate(pred.exit_map[None, None].float(), size=(H, W), mode="nearest")[0, 0]
-        exits = exits.long().cpu().numpy()
+        label, exits = pred.label_map((H, W)).numpy(), pred.exit_stages((H, W)).numpy()
         stem = path.stem
         while stem in used:
             stem += "_"

@@ -14,14 +14,11 @@ IGNORE_COLOUR = (0, 0, 0)
 
 def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: Optional[int] = 255) -> np.ndarray:
     """(H, W) class indices -> (H, W, 3) uint8; ``ignore_index`` (and anything outside the palette) black."""
-    lut = np.zeros((256 if len(palette) <= 256 else len(palette) + 1, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    K = len(palette)
+    lut = np.asarray([*palette, IGNORE_COLOUR], dtype=np.uint8)  # row K: ignored or unknown
     idx = np.asarray(label).astype(np.int64)
-    out = lut[np.clip(idx, 0, len(lut) - 1)]
-    out[(idx < 0) | (idx >= len(palette))] = IGNORE_COLOUR
-    if ignore_index is not None:
-        out[idx == ignore_index] = IGNORE_COLOUR
-    return out
+    blank = (idx < 0) | (idx >= K) | (idx == ignore_index if ignore_index is not None else False)
+    return lut[np.where(blank, K, idx)]
 
 
 def overlay(image: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> np.ndarray:

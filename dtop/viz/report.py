@@ -15,6 +15,7 @@ import datetime
 import html
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +37,7 @@ class Variant:
     gflops: float
     folder: Path  # holds metrics.json and per_image.csv
 
-    @property
+    @cached_property
     def metrics(self) -> dict[str, Any]:
         return json.loads((self.folder / "metrics.json").read_text())
 
@@ -66,8 +67,9 @@ def load_run(run_dir: Path) -> tuple[list[Variant], bool]:
         folder = base / r["name"]
         if not (folder / "metrics.json").is_file():
             raise ConfigError(f"{folder / 'metrics.json'} is missing: the run folder is incomplete")
-        kind = r.get("method") or json.loads((folder / "metrics.json").read_text()).get("variant", "dtop")
-        variants.append(Variant(r["name"], kind, r.get("p0"), float(r["miou"]), float(r["gflops"]), folder))
+        v = Variant(r["name"], r.get("method", ""), r.get("p0"), float(r["miou"]), float(r["gflops"]), folder)
+        v.method = v.method or v.metrics.get("variant", "dtop")
+        variants.append(v)
     variants.sort(key=lambda v: v.method != "dense")
     return variants, compare
 
@@ -95,8 +97,6 @@ def spread(values: list[float], n: int) -> list[int]:
 def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto") -> tuple[list[Sample], Any]:
     """Rerun the dense and DToP checkpoints on ``n`` validation images chosen across the range of
     per-image GFLOPs savings. Returns the samples and the model (for its stages)."""
-    import torch
-    import torch.nn.functional as F
     from PIL import Image
 
     from ..checkpoint import load_model
@@ -117,6 +117,7 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     dense_model = load_model(dm["checkpoint"], dev).eval()
     dtop_model = dense_model if tm["checkpoint"] == dm["checkpoint"] else load_model(tm["checkpoint"], dev).eval()
+    dtop_model.set_p0(dtop.p0)  # the dense path ignores p0, so one model can serve both
     samples = []
     for i in sorted(chosen, key=lambda i: savings[i]):
         item = dataset[i]
@@ -125,22 +126,14 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
                               f"the dataset changed since")
         label = item["label"].numpy()
         size = label.shape
-        dtop_model.set_p0(dtop.p0)
-        with torch.no_grad():
-            pd = predict(dense_model, item["image"].to(dev), cfg.eval, dense=True)
-            pt = predict(dtop_model, item["image"].to(dev), cfg.eval)
-
-        def at_label(x, mode="bilinear"):
-            x = x[None].float() if x.dim() == 3 else x[None, None].float()
-            kw = {"align_corners": False} if mode == "bilinear" else {}
-            return F.interpolate(x, size=size, mode=mode, **kw)[0]
-
+        pd = predict(dense_model, item["image"].to(dev), cfg.eval, dense=True)
+        pt = predict(dtop_model, item["image"].to(dev), cfg.eval)
         image = np.asarray(Image.fromarray(denormalize(item["image"], cfg.data.mean, cfg.data.std))
                            .resize((size[1], size[0]), Image.BILINEAR))
         samples.append(Sample(
             name=Path(item["name"]).name, image=image, label=label,
-            dense=at_label(pd.logits).argmax(0).cpu().numpy(), dtop=at_label(pt.logits).argmax(0).cpu().numpy(),
-            exit_stage=at_label(pt.exit_map, "nearest")[0].long().cpu().numpy(),
+            dense=pd.label_map(size).numpy(), dtop=pt.label_map(size).numpy(),
+            exit_stage=pt.exit_stages(size).numpy(),
             reduction_pct=100 * savings[i], acc_dense=100 * float(rows_d[i]["pixel_acc"]),
             acc_dtop=100 * float(rows_t[i]["pixel_acc"])))
     return samples, dtop_model
