@@ -30,6 +30,20 @@ def parse_reduction(text: Optional[str]):
     return reduction_from_dict(d)
 
 
+def _set_allocator(args: argparse.Namespace) -> bool:
+    """``--allocator keep`` (the default of the latency commands): see :func:`dtop.engine.common.keep_freed_memory`."""
+    from .engine.common import keep_freed_memory
+
+    return args.allocator == "keep" and keep_freed_memory()
+
+
+def _add_allocator(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                    help="keep: glibc keeps freed memory for the next forward instead of returning it to the OS "
+                         "and faulting it in again (faster on Linux CPUs; resident memory stays at its peak); "
+                         "system: the C library's defaults")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .models import get_config, list_models
 
@@ -112,6 +126,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .engine.common import progress_enabled
     from .engine.infer import predict_paths
 
+    _set_allocator(args)
     result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
                            device=args.device, alpha=args.alpha, progress=progress_enabled())
     for r in result["images"]:
@@ -156,6 +171,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .pruning.execution import default_path
 
     device = resolve_device(args.device)
+    kept = _set_allocator(args)
     torch.manual_seed(0)
     if args.checkpoint:
         from .checkpoint import load_model
@@ -178,11 +194,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     result = run_bench(model, images, args.batch, paths, device, getattr(torch, args.dtype), args.warmup,
                        args.repeats, fractions, bucket=args.bucket)
     result["model"] = args.checkpoint or args.name
+    result["allocator"] = "keep" if kept else "system"
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['model']} at {args.size[0]}x{args.size[1]}, batch {args.batch}, {result['device']}, "
-          f"{result['dtype']}, {result['threads']} threads")
+          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
           f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
     print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
@@ -253,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "camvid, ...; default: the checkpoint's dataset)")
     sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
     sp.add_argument("--device", default="auto")
+    _add_allocator(sp)
     sp.set_defaults(func=_cmd_predict)
 
     sp = sub.add_parser("report", help="figures and report.html from a dtop eval or dtop compare output folder")
@@ -298,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--json", action="store_true")
+    _add_allocator(sp)
     sp.set_defaults(func=_cmd_bench)
 
     sp = sub.add_parser("demo", help="train a tiny model on synthetic scenes, fine-tune with DToP, evaluate")

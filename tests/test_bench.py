@@ -1,6 +1,9 @@
 """The benchmark's measuring tools (not timings: those live in benchmarks/RESULTS.md)."""
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -51,6 +54,34 @@ def test_run_bench_reports_every_field():
 
 def test_bench_cli_json(capsys):
     assert main(["bench", "segvit_vit_t16", "--size", "32", "48", "--batch", "2", "--num-classes", "3",
-                 "--warmup", "0", "--repeats", "1", "--paths", "padded", "--json"]) == 0
+                 "--warmup", "0", "--repeats", "1", "--paths", "padded", "--json", "--allocator", "system"]) == 0
     r = json.loads(capsys.readouterr().out)
+    assert r["allocator"] == "system"
     assert r["path"] == "padded" and r["batch"] == 2 and r["gflops_dtop"] < r["gflops_dense"] * 1.5
+
+
+FAULTS = """
+import resource, sys, torch
+from dtop.engine.common import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):  # 64 MiB: with keep, the heap grows during the first (aligned) allocations
+    x = torch.ones(16 * 2 ** 20); del x
+before = faults()
+for _ in range(3):
+    x = torch.ones(16 * 2 ** 20); del x
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_keep_freed_memory_stops_refaulting_big_blocks():
+    """A freed 64 MiB tensor is faulted in again on every allocation with glibc's defaults (16384 pages
+    of 4 KiB each time); with keep_freed_memory the same memory serves the next allocation."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert faults("system") > 3 * 4000  # hugepages could cut this; 3 x 16384 with 4 KiB pages
+    assert faults("keep") < 1000
