@@ -1,8 +1,10 @@
 """Wall-clock speed of DToP vs dense on this machine's CPU; writes the "Speed" section of RESULTS.md.
 
-    python benchmarks/speed.py [--quick] [--camvid-checkpoint runs/camvid/dtop/last.pt]
+    python benchmarks/speed.py [--quick] [--runs 3] [--camvid-checkpoint runs/camvid/dtop/last.pt]
 
-Each row is one `dtop bench` run (printed), which alternates dense and DToP calls in one process.
+Each row is one `dtop bench` run (printed), which alternates dense and DToP calls in one process. The main
+ViT-B/16 per_image measurement is repeated in ``--runs`` separate processes to show how far one run can be
+trusted on a noisy machine.
 GPU rows come from JSON files the device check (benchmarks/gpu_run.sh) wrote into benchmarks/results/.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +48,16 @@ def _ratios(r: dict) -> str:
         f"{b1:.3f} / {r['flop_ratio']:.3f}"
 
 
+def _ms(results: dict, label: str, side: str) -> str:
+    """Batch-1 ms per image of the per_image path in the first run whose label starts with ``label``."""
+    r = next(r for lab, r in results.items() if lab.startswith(label))
+    return f"{r['paths']['per_image'][f'{side}_ms_per_image_batch1']:.0f}"
+
+
+def _realised(image: dict) -> float:
+    return (1 - image["time_ratio"]) / (1 - image["flop_ratio"]) if image["flop_ratio"] < 1 else float("nan")
+
+
 def _f(v) -> str:
     return "n/a" if v != v else f"{v:.2f}"  # NaN when nothing exits (no FLOP saving to realise)
 
@@ -52,6 +65,7 @@ def _f(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--runs", type=int, default=3, help="separate runs of the main per_image measurement")
     ap.add_argument("--camvid-checkpoint", default="runs/camvid/dtop/last.pt")
     ap.add_argument("--camvid-images", default=str(ROOT.parent / "shared" / "data" / "camvid" / "val"))
     a = ap.parse_args()
@@ -59,9 +73,10 @@ def main() -> None:
     table = ["| model, exit pattern | device | path | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
              " realised batch 1 | realised mixed | peak MB dense / DToP |", "|---|---|---|---|---|---|---|---|---|"]
     commands = []
+    spread = ["segvit_vit_b16", "--size", "512", "512", "--batch", "8", "--exit-fractions", *SPREAD, *rep]
     runs = [
-        ("ViT-B/16 512, 8 images leaving 30..90% at block 6", ["segvit_vit_b16", "--size", "512", "512", "--batch", "8",
-                                                                "--exit-fractions", *SPREAD, *rep]),
+        ("ViT-B/16 512, 8 images leaving 30..90% at block 6", spread),
+        ("the same, C library's default allocator", [*spread, "--paths", "per_image", "--allocator", "system"]),
         ("ViT-B/16 512, nothing leaves (overhead)", ["segvit_vit_b16", "--size", "512", "512", "--batch", "8",
                                                      "--exit-fractions", "0", "--paths", "per_image", *rep]),
     ]
@@ -69,12 +84,30 @@ def main() -> None:
         runs.append(("CamVid ViT-T (trained), real val images, p0 0.9",
                      ["--checkpoint", a.camvid_checkpoint, "--images", a.camvid_images, "--p0", "0.9", "--size", "240",
                       "320", "--batch", "8", "--warmup", "2", "--repeats", "3" if a.quick else "10"]))
+    main_runs, runs_by_label = [], {}
     for label, args in runs:
         cmd, r = bench(args)
+        runs_by_label[label] = r
         commands.append(cmd)
         table += rows(cmd, r, label)
-        if "exit_fractions" in r:
-            print(label, "exit fractions", r["exit_fractions"], flush=True)
+        if args is spread:
+            main_runs.append(r["paths"]["per_image"])
+        print(label, "exit fractions", r["exit_fractions"], flush=True)
+    repeat = [*spread, "--paths", "per_image"]
+    for _ in range(a.runs - 1):
+        cmd, r = bench(repeat)
+        main_runs.append(r["paths"]["per_image"])
+    if a.runs > 1:
+        commands.append(f"{cmd}  # {a.runs - 1} more time(s)")
+    spread_lines = [f"| {k.replace('_', ' ')} | " + " | ".join(f"{e[k]:.3f}" for e in main_runs) +
+                    f" | {statistics.median(e[k] for e in main_runs):.3f} |"
+                    for k in ("time_ratio_batch1", "realised_batch1", "time_ratio_mixed", "realised_mixed")]
+    repeat_table = ["| ViT-B/16 512, 30..90% leaving, per_image | " + " | ".join(f"run {i + 1}" for i in
+                                                                          range(len(main_runs))) + " | median |",
+                    "|---" * (len(main_runs) + 2) + "|", *spread_lines]
+    per_image = ["| exit fraction | FLOP ratio | time ratio | realised |", "|---|---|---|---|",
+                 *(f"| {i['exit_fraction']:.2f} | {i['flop_ratio']:.3f} | {i['time_ratio']:.3f} | "
+                   f"{_f(_realised(i))} |" for i in main_runs[0]["batch1_images"])]
     for f in sorted((ROOT / "benchmarks" / "results").glob("h200_bench_*.json")):
         r = json.loads(f.read_text())
         table += rows("", r, f"ViT-B/16 512, batch {r['batch']}, exits {min(r['exit_fractions']):.0%}.."
@@ -83,7 +116,8 @@ def main() -> None:
     body = [
         f"CPU rows: {cpu or platform.processor()}, {subprocess.getoutput('nproc')} cores, fp32, measured by "
         "`python benchmarks/speed.py`, which ran:", "", "```bash", *commands, "```", "",
-        "Time ratio = median DToP time / median dense time (calls alternate, after a warm-up); realised = "
+        "Time ratio = DToP time / dense time, each the sum over inputs of the median of `--repeats` calls (after a "
+        "warm-up, dense and DToP run back to back on each input); realised = "
         "(1 - time ratio) / (1 - FLOP ratio). The dense model is the plain segmentor (final head only); DToP "
         "counts its auxiliary heads. Forced exit patterns pick random tokens at the first exit stage; the "
         "trained CamVid row prunes real images. `per_image` is the authors' code path (a Python loop over the "
@@ -92,6 +126,18 @@ def main() -> None:
         "0fd4052 views of the weights were, which charged DToP's extra head weights as activations), on CUDA "
         "`max_memory_allocated` (weights included, so DToP's auxiliary heads add their weights there).", "",
         *table, "",
+        "`--allocator keep` (the default of `dtop bench` and `dtop predict`) stops glibc from handing freed blocks "
+        "back to the OS after each forward and faulting them in again on the next; the 150-class 512x512 logits "
+        "map alone is 157 MB. It speeds up both models (dense batch 1: "
+        f"{_ms(runs_by_label, 'the same', 'dense')} ms per image with the C library's defaults, "
+        f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with keep), so the fixed cost both pay (the "
+        "full-resolution upsampling) shrinks and more of DToP's FLOP saving shows in the time ratio.", "",
+        f"The same ViT-B/16 per_image measurement in {len(main_runs)} separate processes (the first is the table's "
+        "row), to show the spread between runs on this machine:", "", *repeat_table, "",
+        "Each image of the first run alone (batch 1, per_image): the time saved per FLOP saved falls as fewer "
+        "tokens stay, because a block on a few hundred tokens is bound by reading its 28 MB of weights rather "
+        "than by arithmetic, and a fixed cost both models pay (the upsampling of 150 class maps to 512 x 512) "
+        "is not saved at all:", "", *per_image, "",
         "H200 rows come from `benchmarks/gpu_run.sh` on a lent H200 (torch 2.11, JSON in `benchmarks/results/`), "
         "run before commit 681632b removed per-block host syncs and the per-image Python GFLOPs loop, and with the "
         "earlier bench that gave every image run alone the first exit fraction (0.3), so their batch-1 columns "

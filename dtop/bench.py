@@ -2,9 +2,10 @@
 
 Batch-1 latency and mixed-batch throughput (each batch holds different images, so each image keeps a
 different number of tokens), peak memory and GFLOPs, for the dense model and for DToP in each
-execution layout. Calls alternate dense / DToP after a warm-up, and medians are compared, so machine
-noise hits both sides alike. Without a checkpoint, per-image exit fractions are forced at the first
-exit stage so that the speed path is measured alone.
+execution layout. After a warm-up, dense and DToP calls on the same input run back to back, and the
+sums of per-input medians are compared, so machine noise and drift hit both sides alike. Without a
+checkpoint, per-image exit fractions are forced at the first exit stage so that the speed path is
+measured alone.
 """
 from __future__ import annotations
 
@@ -83,11 +84,17 @@ def forced_exits(fractions: Sequence[float], seed: int = 0) -> Callable[[int, Te
 
 @dataclass
 class Timing:
-    dense: list[float]
-    dtop: list[float]
+    """Seconds per call: ``dense[i][r]`` is repeat ``r`` of item ``i`` (one image alone, or a whole batch)."""
+
+    dense: list[list[float]]
+    dtop: list[list[float]]
+
+    def total(self, which: str) -> float:
+        """Sum over the items of their median time."""
+        return sum(statistics.median(t) for t in getattr(self, which))
 
     def ratio(self) -> float:
-        return statistics.median(self.dtop) / statistics.median(self.dense)
+        return self.total("dtop") / self.total("dense")
 
 
 def _sync(device: torch.device) -> None:
@@ -103,15 +110,19 @@ def _time(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(dense_fn, dtop_fn, device, warmup: int, repeats: int) -> Timing:
-    """Warm up both, then time them alternately ``repeats`` times."""
+def alternate(dense_fns: Sequence[Callable[[], Any]], dtop_fns: Sequence[Callable[[], Any]], device: torch.device,
+              warmup: int, repeats: int) -> Timing:
+    """Warm up, then ``repeats`` times time item ``i`` dense and DToP back to back, for every item: a drift
+    in the machine's speed (other tenants, clocks) hits both sides of each pair alike."""
     for _ in range(warmup):
-        dense_fn()
-        dtop_fn()
-    t = Timing([], [])
+        for d, p in zip(dense_fns, dtop_fns):
+            d()
+            p()
+    t = Timing([[] for _ in dense_fns], [[] for _ in dtop_fns])
     for _ in range(repeats):
-        t.dense.append(_time(dense_fn, device))
-        t.dtop.append(_time(dtop_fn, device))
+        for i, (d, p) in enumerate(zip(dense_fns, dtop_fns)):
+            t.dense[i].append(_time(d, device))
+            t.dtop[i].append(_time(p, device))
     return t
 
 
@@ -167,35 +178,29 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
     single_exits = [forced_exits([exit_fractions[i % len(exit_fractions)]]) if exit_fractions is not None else None
                     for i in range(len(singles))]
 
-    def dense_batch():
-        with torch.no_grad(), amp:
-            model.forward_dense(mixed)
+    def dense_call(x: Tensor) -> Callable[[], Any]:
+        def run():
+            with torch.no_grad(), amp:
+                model.forward_dense(x)
+        return run
 
-    def dense_singles():
-        with torch.no_grad(), amp:
-            for im in singles:
-                model.forward_dense(im)
+    def dtop_call(x: Tensor, force) -> Callable[[], Any]:
+        def run():
+            model.force_exit = force
+            with torch.no_grad(), amp:
+                return model(x)
+        return run
 
-    def dtop_batch():
-        model.force_exit = batch_exits
-        with torch.no_grad(), amp:
-            return model(mixed)
-
-    def dtop_singles(keep: bool = False):
-        """Each image alone; ``keep`` returns the outputs (the timed calls drop them, as the dense ones do)."""
-        outs = []
-        with torch.no_grad(), amp:
-            for im, force in zip(singles, single_exits):
-                model.force_exit = force
-                out = model(im)
-                if keep:
-                    outs.append(out)
-        return outs
+    dense_batch, dtop_batch = dense_call(mixed), dtop_call(mixed, batch_exits)
+    dense_singles = [dense_call(im) for im in singles]
+    dtop_singles = [dtop_call(im, force) for im, force in zip(singles, single_exits)]
 
     out = dtop_batch()
     base_gflops = dense_flops(model, size, final_head_only=True) / 1e9
     flop_ratio = float(out.gflops.mean()) / base_gflops
-    flop_ratio_b1 = statistics.mean(float(o.gflops) for o in dtop_singles(keep=True)) / base_gflops
+    alone = [run() for run in dtop_singles]
+    flop_ratios_b1 = [float(o.gflops) / base_gflops for o in alone]
+    flop_ratio_b1 = statistics.mean(flop_ratios_b1)
     result: dict[str, Any] = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch,
@@ -209,15 +214,20 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
     for path in paths:
         model.set_execution(path, bucket=bucket and path == "padded")
         b1 = alternate(dense_singles, dtop_singles, device, warmup, repeats)
-        mx = alternate(dense_batch, dtop_batch, device, warmup, repeats)
+        mx = alternate([dense_batch], [dtop_batch], device, warmup, repeats)
         entry = {
             "time_ratio_batch1": round(b1.ratio(), 4), "time_ratio_mixed": round(mx.ratio(), 4),
             "realised_batch1": round(_realised(b1.ratio(), flop_ratio_b1), 3),
             "realised_mixed": round(_realised(mx.ratio(), flop_ratio), 3),
-            "dense_ms_per_image_batch1": round(1e3 * statistics.median(b1.dense) / len(singles), 2),
-            "dtop_ms_per_image_batch1": round(1e3 * statistics.median(b1.dtop) / len(singles), 2),
-            "dense_images_per_s_mixed": round(batch / statistics.median(mx.dense), 2),
-            "dtop_images_per_s_mixed": round(batch / statistics.median(mx.dtop), 2),
+            "dense_ms_per_image_batch1": round(1e3 * b1.total("dense") / len(singles), 2),
+            "dtop_ms_per_image_batch1": round(1e3 * b1.total("dtop") / len(singles), 2),
+            # each image alone: where the realised fraction is lost (fixed costs weigh most on small savings)
+            "batch1_images": [{"exit_fraction": round(float(o.exit_fractions()[0, :-1].sum()), 3),
+                               "flop_ratio": round(f, 4),
+                               "time_ratio": round(statistics.median(t_dtop) / statistics.median(t_dense), 4)}
+                              for o, f, t_dense, t_dtop in zip(alone, flop_ratios_b1, b1.dense, b1.dtop)],
+            "dense_images_per_s_mixed": round(batch / mx.total("dense"), 2),
+            "dtop_images_per_s_mixed": round(batch / mx.total("dtop"), 2),
             "peak_mem_dtop_mb": round(peak_memory_mb(dtop_batch, device), 1),
         }
         result["paths"][path] = entry

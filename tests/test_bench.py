@@ -48,6 +48,10 @@ def test_run_bench_reports_every_field():
                 "peak_mem_dense_mb", "peak_mem_dtop_mb", "device"):
         assert key in r, key
     assert r["exit_fractions"] == [0.208, 0.417, 0.583, 0.792]  # of 24 tokens: 5, 10, 14, 19
+    alone = r["paths"]["per_image"]["batch1_images"]
+    assert [a["exit_fraction"] for a in alone] == r["exit_fractions"]  # each image keeps its pattern alone
+    assert [a["flop_ratio"] for a in alone] == sorted(a["flop_ratio"] for a in alone)[::-1]  # more exits, fewer FLOPs
+    assert abs(sum(a["flop_ratio"] for a in alone) / 4 - r["flop_ratio_batch1"]) < 1e-3
     assert 0 < r["flop_ratio"] < 1 and set(r["paths"]) == {"per_image", "packed"}
     assert model.force_exit is None  # the override does not outlive the benchmark
 
