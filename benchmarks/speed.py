@@ -127,17 +127,16 @@ def main() -> None:
         "`max_memory_allocated` (weights included, so DToP's auxiliary heads add their weights there).", "",
         *table, "",
         "`--allocator keep` (the default of `dtop bench` and `dtop predict`) stops glibc from handing freed blocks "
-        "back to the OS after each forward and faulting them in again on the next; the 150-class 512x512 logits "
-        "map alone is 157 MB. It speeds up both models (dense batch 1: "
-        f"{_ms(runs_by_label, 'the same', 'dense')} ms per image with the C library's defaults, "
-        f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with keep), so the fixed cost both pay (the "
-        "full-resolution upsampling) shrinks and more of DToP's FLOP saving shows in the time ratio.", "",
+        "back to the OS after each forward and faulting them in again on the next (the 150-class 512x512 logits "
+        "map alone is 157 MB; `tests/test_bench.py` checks that the faults stop). Dense batch 1 took "
+        f"{_ms(runs_by_label, 'the same', 'dense')} ms per image with the C library's defaults and "
+        f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with keep in this run; those two rows ran minutes "
+        "apart in separate processes, so machine drift is in that difference, while each row's ratios compare "
+        "dense and DToP side by side.", "",
         f"The same ViT-B/16 per_image measurement in {len(main_runs)} separate processes (the first is the table's "
         "row), to show the spread between runs on this machine:", "", *repeat_table, "",
-        "Each image of the first run alone (batch 1, per_image): the time saved per FLOP saved falls as fewer "
-        "tokens stay, because a block on a few hundred tokens is bound by reading its 28 MB of weights rather "
-        "than by arithmetic, and a fixed cost both models pay (the upsampling of 150 class maps to 512 x 512) "
-        "is not saved at all:", "", *per_image, "",
+        "Each image of the first run alone (batch 1, per_image); `python benchmarks/block_scaling.py` (its own "
+        "section) separates the blocks' share of the loss from the fixed costs:", "", *per_image, "",
         "H200 rows come from `benchmarks/gpu_run.sh` on a lent H200 (torch 2.11, JSON in `benchmarks/results/`), "
         "run before commit 681632b removed per-block host syncs and the per-image Python GFLOPs loop, and with the "
         "earlier bench that gave every image run alone the first exit fraction (0.3), so their batch-1 columns "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dtop.bench import PeakTensorMemory, forced_exits, run_bench
+from dtop.bench import PeakTensorMemory, Timing, alternate, forced_exits, run_bench
 from dtop.cli import main
 
 
@@ -18,6 +18,22 @@ def test_forced_exits_hit_the_requested_fractions():
     assert exits.sum(1).tolist() == [4, 20, 15]
     assert not (exits & ~valid).any()
     assert not forced_exits([0.5])(1, torch.rand(1, 8), torch.ones(1, 8, dtype=torch.bool)).any()
+
+
+def test_alternate_pairs_each_input_back_to_back():
+    log = []
+    dense = [lambda i=i: log.append(("dense", i)) for i in range(3)]
+    dtop = [lambda i=i: log.append(("dtop", i)) for i in range(3)]
+    t = alternate(dense, dtop, torch.device("cpu"), warmup=1, repeats=2)
+    pairs = [("dense", 0), ("dtop", 0), ("dense", 1), ("dtop", 1), ("dense", 2), ("dtop", 2)]
+    assert log == pairs * 3  # warm-up, then two timed rounds
+    assert [len(x) for x in t.dense + t.dtop] == [2] * 6
+
+
+def test_timing_ratio_sums_per_input_medians():
+    t = Timing(dense=[[1.0, 9.0, 1.2], [2.0, 2.0, 2.2]], dtop=[[0.5, 0.6, 5.0], [1.0, 1.1, 1.0]])
+    assert t.total("dense") == 1.2 + 2.0 and t.total("dtop") == 0.6 + 1.0  # outliers (9.0, 5.0) drop out
+    assert abs(t.ratio() - 1.6 / 3.2) < 1e-12
 
 
 def test_peak_tensor_memory_sees_live_tensors():
