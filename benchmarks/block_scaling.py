@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
+from dtop.bench import realised  # noqa: E402
 from dtop.engine.common import keep_freed_memory  # noqa: E402
 from dtop.flops import vit_block_flops  # noqa: E402
 from dtop.models import create_model  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
             x = blk(x)
 
     rows = ["| tokens leaving | tokens in a block | time ratio | FLOP ratio | realised |", "|---|---|---|---|---|"]
-    realised = []
+    saved = []  # realised fraction of each kept count that saves FLOPs
     with torch.no_grad():
         full = None
         for f in EXITS:
@@ -62,15 +63,15 @@ def main() -> None:
                 full, full_flops = ms, vit_block_flops(blocks[0], n)
             tr, fr = ms / full, vit_block_flops(blocks[0], n) / full_flops
             if fr < 1:
-                realised.append((1 - tr) / (1 - fr))
-            rows.append(f"| {f:.2f} | {n} | {tr:.3f} | {fr:.3f} | {f'{realised[-1]:.2f}' if fr < 1 else 'n/a'} |")
+                saved.append(realised(tr, fr))
+            rows.append(f"| {f:.2f} | {n} | {tr:.3f} | {fr:.3f} | {f'{saved[-1]:.2f}' if fr < 1 else 'n/a'} |")
             print(rows[-1], f"({ms:.0f} ms for six blocks)", flush=True)
     command = shlex.join(["python", "benchmarks/block_scaling.py", *sys.argv[1:]])
     body = [
         f"Measured by `{command}` ({torch.get_num_threads()} threads, fp32): the six ViT-B/16 blocks after the "
         f"first exit on one image's tokens, against the same blocks on all 1025 tokens ({full:.0f} ms). Each "
         f"block reads {weights_mb:.0f} MB of weights whatever its token count, so time falls a little slower "
-        f"than FLOPs when few tokens stay; the blocks alone realise {min(realised):.2f} to {max(realised):.2f} "
+        f"than FLOPs when few tokens stay; the blocks alone realise {min(saved):.2f} to {max(saved):.2f} "
         "of their FLOP saving here. The rest of the batch-1 loss in the Speed section is in costs that do not "
         "shrink with the tokens: DToP's two extra stage heads, its bookkeeping, and the upsampling of the class "
         "maps to full resolution that both models pay.", "", *rows,

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
+from dtop.bench import realised  # noqa: E402
+
 SPREAD = ["0.3", "0.39", "0.47", "0.56", "0.64", "0.73", "0.81", "0.9"]
 
 
@@ -52,10 +54,6 @@ def _ms(results: dict, label: str, side: str) -> str:
     """Batch-1 ms per image of the per_image path in the first run whose label starts with ``label``."""
     r = next(r for lab, r in results.items() if lab.startswith(label))
     return f"{r['paths']['per_image'][f'{side}_ms_per_image_batch1']:.0f}"
-
-
-def _realised(image: dict) -> float:
-    return (1 - image["time_ratio"]) / (1 - image["flop_ratio"]) if image["flop_ratio"] < 1 else float("nan")
 
 
 def _f(v) -> str:
@@ -107,7 +105,7 @@ def main() -> None:
                     "|---" * (len(main_runs) + 2) + "|", *spread_lines]
     per_image = ["| exit fraction | FLOP ratio | time ratio | realised |", "|---|---|---|---|",
                  *(f"| {i['exit_fraction']:.2f} | {i['flop_ratio']:.3f} | {i['time_ratio']:.3f} | "
-                   f"{_f(_realised(i))} |" for i in main_runs[0]["batch1_images"])]
+                   f"{_f(realised(i['time_ratio'], i['flop_ratio']))} |" for i in main_runs[0]["batch1_images"])]
     for f in sorted((ROOT / "benchmarks" / "results").glob("h200_bench_*.json")):
         r = json.loads(f.read_text())
         table += rows("", r, f"ViT-B/16 512, batch {r['batch']}, exits {min(r['exit_fractions']):.0%}.."

@@ -217,11 +217,11 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
         mx = alternate([dense_batch], [dtop_batch], device, warmup, repeats)
         entry = {
             "time_ratio_batch1": round(b1.ratio(), 4), "time_ratio_mixed": round(mx.ratio(), 4),
-            "realised_batch1": round(_realised(b1.ratio(), flop_ratio_b1), 3),
-            "realised_mixed": round(_realised(mx.ratio(), flop_ratio), 3),
+            "realised_batch1": round(realised(b1.ratio(), flop_ratio_b1), 3),
+            "realised_mixed": round(realised(mx.ratio(), flop_ratio), 3),
             "dense_ms_per_image_batch1": round(1e3 * b1.total("dense") / len(singles), 2),
             "dtop_ms_per_image_batch1": round(1e3 * b1.total("dtop") / len(singles), 2),
-            # each image alone: where the realised fraction is lost (fixed costs weigh most on small savings)
+            # each image alone, to see which exit fractions lose the most of their FLOP saving
             "batch1_images": [{"exit_fraction": round(float(o.exit_fractions()[0, :-1].sum()), 3),
                                "flop_ratio": round(f, 4),
                                "time_ratio": round(statistics.median(t_dtop) / statistics.median(t_dense), 4)}
@@ -240,6 +240,6 @@ def run_bench(model, images: Tensor, batch: int, paths: Sequence[str], device: t
     return result
 
 
-def _realised(time_ratio: float, flop_ratio: float) -> float:
+def realised(time_ratio: float, flop_ratio: float) -> float:
     """Share of the FLOP saving that shows up as time saving: (1 - time ratio) / (1 - FLOP ratio)."""
     return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")

@@ -34,9 +34,6 @@ def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.dev
     return torch.device(name)
 
 
-ALLOCATORS = ("keep", "system")
-
-
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process instead of handing it back to the OS.
 
