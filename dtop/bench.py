@@ -57,10 +57,11 @@ class PeakTensorMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # an output on an input's storage (a view such as a weight's transpose, an in-place result)
         # allocates nothing: only storages the op created are counted
+        # (oneDNN-packed weights, dtop.models.packed, are opaque: they have no storage and are not outputs)
         held = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                if isinstance(t, Tensor)}
+                if isinstance(t, Tensor) and not t.is_mkldnn}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in held:
+            if isinstance(t, Tensor) and not t.is_mkldnn and t.untyped_storage().data_ptr() not in held:
                 self._track(t)
         return out
 

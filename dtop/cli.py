@@ -44,6 +44,13 @@ def _add_allocator(sp: argparse.ArgumentParser) -> None:
                          "system: the C library's defaults")
 
 
+def _add_linear(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--linear", choices=["auto", "onednn", "aten"], default="auto",
+                    help="linear layers in fp32 CPU inference: onednn packs the weights once for oneDNN "
+                         "(faster, above all on few tokens); aten is torch's default (MKL sgemm); "
+                         "auto: onednn on CPU where this torch has it")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .models import get_config, list_models
 
@@ -128,7 +135,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _set_allocator(args)
     result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
-                           device=args.device, alpha=args.alpha, progress=progress_enabled())
+                           device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear)
     for r in result["images"]:
         exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
         print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({r['reduction_pct']:.1f}% fewer than dense), "
@@ -168,6 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import load_images, run_bench
     from .engine.common import resolve_device
     from .errors import ConfigError
+    from .models.packed import use_linear_kernel
     from .pruning.execution import default_path
 
     device = resolve_device(args.device)
@@ -186,20 +194,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     else:
         from .models import create_model
 
-        model = create_model(args.name, num_classes=args.num_classes, p0=0.5)
         images = torch.randn(args.batch, 3, *args.size)
         n = args.batch
-        fractions = args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)]
+        if args.p0 is not None and args.exit_fractions is None:  # the untrained heads decide at this threshold
+            model = create_model(args.name, num_classes=args.num_classes, p0=args.p0)
+            fractions = None
+        else:
+            model = create_model(args.name, num_classes=args.num_classes, p0=0.5)
+            fractions = args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)]
+    linear = use_linear_kernel(model, args.linear, device)
     paths = args.paths or [default_path(device)] + [p for p in ("per_image", "packed", "padded") if p != default_path(device)]
     result = run_bench(model, images, args.batch, paths, device, getattr(torch, args.dtype), args.warmup,
                        args.repeats, fractions, bucket=args.bucket)
     result["model"] = args.checkpoint or args.name
     result["allocator"] = "keep" if kept else "system"
+    result["linear"] = linear
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['model']} at {args.size[0]}x{args.size[1]}, batch {args.batch}, {result['device']}, "
-          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}")
+          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
           f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
     print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
     sp.add_argument("--device", default="auto")
     _add_allocator(sp)
+    _add_linear(sp)
     sp.set_defaults(func=_cmd_predict)
 
     sp = sub.add_parser("report", help="figures and report.html from a dtop eval or dtop compare output folder")
@@ -304,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-classes", type=int, default=150)
     sp.add_argument("--checkpoint", help="a trained dtop checkpoint: prune real images at its p0")
     sp.add_argument("--images", help="folder of images for --checkpoint")
-    sp.add_argument("--p0", type=float, default=None, help="with --checkpoint: threshold to use")
+    sp.add_argument("--p0", type=float, default=None, help="exit threshold: with --checkpoint, instead of the checkpoint's; without, the "
+                         "(untrained) heads decide instead of --exit-fractions (--p0 1: nothing can exit, "
+                         "the auxiliary heads are skipped)")
     sp.add_argument("--exit-fractions", type=float, nargs="+", default=None,
                     help="forced per-image fractions of tokens leaving at the first exit stage "
                          "(default: a spread 0.1 ... 0.7 across the batch)")
@@ -317,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--json", action="store_true")
     _add_allocator(sp)
+    _add_linear(sp)
     sp.set_defaults(func=_cmd_bench)
 
     sp = sub.add_parser("demo", help="train a tiny model on synthetic scenes, fine-tune with DToP, evaluate")

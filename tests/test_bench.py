@@ -76,7 +76,7 @@ def test_bench_cli_json(capsys):
     assert main(["bench", "segvit_vit_t16", "--size", "32", "48", "--batch", "2", "--num-classes", "3",
                  "--warmup", "0", "--repeats", "1", "--paths", "padded", "--json", "--allocator", "system"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["allocator"] == "system"
+    assert r["allocator"] == "system" and r["linear"] in ("onednn", "aten")  # auto on CPU
     assert r["path"] == "padded" and r["batch"] == 2 and r["gflops_dtop"] < r["gflops_dense"] * 1.5
 
 
@@ -105,3 +105,12 @@ def test_keep_freed_memory_stops_refaulting_big_blocks():
 
     assert faults("system") > 3 * 4000  # hugepages could cut this; 3 x 16384 with 4 KiB pages
     assert faults("keep") < 1000
+
+
+def test_bench_cli_p0_one_skips_the_auxiliary_heads(capsys):
+    """--p0 1 without a checkpoint: nothing can exit, so DToP runs the dense model's FLOPs exactly."""
+    assert main(["bench", "segvit_vit_t16", "--size", "32", "48", "--batch", "2", "--num-classes", "3",
+                 "--warmup", "0", "--repeats", "1", "--paths", "per_image", "--p0", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["flop_ratio"] == 1.0 and r["gflops_dtop"] == r["gflops_dense"]
+    assert r["exit_fractions"] == [0.0, 0.0] and r["realised_batch1"] != r["realised_batch1"]  # NaN

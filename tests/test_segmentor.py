@@ -178,3 +178,14 @@ def test_exit_fractions_and_gflops_drop_with_pruning():
     assert (pruned.gflops < dense.gflops).all()
     conf = stage_confidence(model, x)
     assert conf.shape == (2, 24)
+
+
+def test_upsampled_scores_are_channels_last_and_equal_plain_interpolation():
+    from dtop.models.segmentor import upsample_scores
+
+    score = torch.randn(2, 7, 4, 6, generator=torch.Generator().manual_seed(0))
+    up = upsample_scores(score, (32, 48))
+    assert up.shape == (2, 7, 32, 48) and up.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.interpolate(score, size=(32, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(up.argmax(1), ref.argmax(1))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..config import EvalSection, ExperimentConfig
 from ..flops import dense_flops
+from ..models.segmentor import upsample_scores
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Prediction:
         """(H, W) predicted classes at ``size`` (scores upsampled bilinearly first), on the CPU."""
         logits = self.logits
         if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+            logits = upsample_scores(logits[None].float(), tuple(size))[0]
         return logits.argmax(0).cpu()
 
     def exit_stages(self, size: Sequence[int]) -> Tensor:

@@ -70,11 +70,13 @@ def palette_for(model, name: Optional[str]) -> tuple[list, list[str]]:
 
 def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
                   palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
-                  progress: bool = False) -> dict[str, Any]:
-    """Run the checkpoint on every image; returns the ``predictions.json`` content."""
+                  progress: bool = False, linear: str = "auto") -> dict[str, Any]:
+    """Run the checkpoint on every image; returns the ``predictions.json`` content.
+    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`)."""
     from ..checkpoint import load_checkpoint, load_model
     from ..config import config_from_dict
     from ..data import EvalTransform
+    from ..models.packed import use_linear_kernel
     from ..viz.colors import colorize, overlay
     from ..viz.figures import exit_map_figure
     from .common import resolve_device
@@ -84,6 +86,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     cfg = config_from_dict(ckpt.get("config") or {})
     dev = resolve_device(device)
     model = load_model(checkpoint, dev).eval()
+    use_linear_kernel(model, linear, dev)
     if p0 is not None:
         model.set_p0(p0)
     colours, classes = palette_for(model, palette or cfg.data.name)
