@@ -50,10 +50,14 @@ def _ratios(r: dict) -> str:
         f"{b1:.3f} / {r['flop_ratio']:.3f}"
 
 
+def _per_image(results: dict, label: str) -> dict:
+    """The per_image entry of the first run whose label starts with ``label``."""
+    return next(r for lab, r in results.items() if lab.startswith(label))["paths"]["per_image"]
+
+
 def _ms(results: dict, label: str, side: str) -> str:
-    """Batch-1 ms per image of the per_image path in the first run whose label starts with ``label``."""
-    r = next(r for lab, r in results.items() if lab.startswith(label))
-    return f"{r['paths']['per_image'][f'{side}_ms_per_image_batch1']:.0f}"
+    """Batch-1 ms per image of the per_image path (``side``: dense or dtop)."""
+    return f"{_per_image(results, label)[f'{side}_ms_per_image_batch1']:.0f}"
 
 
 def _f(v) -> str:
@@ -71,12 +75,14 @@ def main() -> None:
     table = ["| model, exit pattern | device | path | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
              " realised batch 1 | realised mixed | peak MB dense / DToP |", "|---|---|---|---|---|---|---|---|---|"]
     commands = []
-    spread = ["segvit_vit_b16", "--size", "512", "512", "--batch", "8", "--exit-fractions", *SPREAD, *rep]
+    b16 = ["segvit_vit_b16", "--size", "512", "512", "--batch", "8"]
+    spread = [*b16, "--exit-fractions", *SPREAD, *rep]
     runs = [
         ("ViT-B/16 512, 8 images leaving 30..90% at block 6", spread),
+        ("the same, torch's default linear kernel (aten)", [*spread, "--paths", "per_image", "--linear", "aten"]),
         ("the same, C library's default allocator", [*spread, "--paths", "per_image", "--allocator", "system"]),
-        ("ViT-B/16 512, nothing leaves (overhead)", ["segvit_vit_b16", "--size", "512", "512", "--batch", "8",
-                                                     "--exit-fractions", "0", "--paths", "per_image", *rep]),
+        ("ViT-B/16 512, p0 1: nothing can leave (overhead)", [*b16, "--p0", "1", "--paths", "per_image", *rep]),
+        ("ViT-B/16 512, heads run but nothing leaves", [*b16, "--exit-fractions", "0", "--paths", "per_image", *rep]),
     ]
     if Path(ROOT / a.camvid_checkpoint).is_file() and Path(a.camvid_images).is_dir():
         runs.append(("CamVid ViT-T (trained), real val images, p0 0.9",
@@ -110,6 +116,8 @@ def main() -> None:
         r = json.loads(f.read_text())
         table += rows("", r, f"ViT-B/16 512, batch {r['batch']}, exits {min(r['exit_fractions']):.0%}.."
                              f"{max(r['exit_fractions']):.0%} ({f.name})")
+    aten = _per_image(runs_by_label, "the same, torch")["realised_batch1"]
+    onednn = _per_image(runs_by_label, "ViT-B/16 512, 8")["realised_batch1"]
     cpu = subprocess.getoutput("lscpu | grep 'Model name' | cut -d: -f2").strip()
     body = [
         f"CPU rows: {cpu or platform.processor()}, {subprocess.getoutput('nproc')} cores, fp32, measured by "
@@ -127,10 +135,21 @@ def main() -> None:
         "`--allocator keep` (the default of `dtop bench` and `dtop predict`) stops glibc from handing freed blocks "
         "back to the OS after each forward and faulting them in again on the next (the 150-class 512x512 logits "
         "map alone is 157 MB; `tests/test_bench.py` checks that the faults stop). Dense batch 1 took "
-        f"{_ms(runs_by_label, 'the same', 'dense')} ms per image with the C library's defaults and "
+        f"{_ms(runs_by_label, 'the same, C library', 'dense')} ms per image with the C library's defaults and "
         f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with keep in this run; those two rows ran minutes "
         "apart in separate processes, so machine drift is in that difference, while each row's ratios compare "
         "dense and DToP side by side.", "",
+        "`--linear auto` (the default of `dtop bench` and `dtop predict`, every CPU row but the aten one) "
+        "multiplies by weights packed once for oneDNN instead of torch's default MKL sgemm, which repacks each "
+        "weight on every call (`dtop/models/packed.py`). Both models use the same kernel in a row. Dense batch 1 "
+        f"took {_ms(runs_by_label, 'the same, torch', 'dense')} ms per image with aten and "
+        f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with oneDNN (separate processes); batch-1 realised "
+        f"{_f(aten)} with aten against {_f(onednn)} with oneDNN" + (
+            ": the repacking is a cost per call that does not shrink when tokens leave "
+            "(`benchmarks/block_scaling.py`)." if aten < onednn else "."), "",
+        "Nothing leaving, two ways: with `--p0 1` no token can pass the threshold, so the forward skips the "
+        "auxiliary heads (the issue's overhead case); with `--exit-fractions 0` the heads run and decide, and "
+        "no token leaves (their FLOPs are in the FLOP ratio).", "",
         f"The same ViT-B/16 per_image measurement in {len(main_runs)} separate processes (the first is the table's "
         "row), to show the spread between runs on this machine:", "", *repeat_table, "",
         "Each image of the first run alone (batch 1, per_image); `python benchmarks/block_scaling.py` (its own "
