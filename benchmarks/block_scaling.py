@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
-from dtop.bench import realised  # noqa: E402
+from dtop.bench import alternate, realised  # noqa: E402
 from dtop.engine.common import keep_freed_memory  # noqa: E402
 from dtop.flops import vit_block_flops  # noqa: E402
 from dtop.models import create_model  # noqa: E402
@@ -29,19 +27,9 @@ from dtop.models.packed import onednn_available, use_linear_kernel  # noqa: E402
 EXITS = [0.0, 0.3, 0.39, 0.47, 0.56, 0.64, 0.73, 0.81, 0.9]  # speed.py's spread, and nothing leaving
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
@@ -59,17 +47,19 @@ def main() -> None:
     rows = [head, "|---" * (3 + 2 * len(kernels)) + "|"]
     saved = {k: [] for k in kernels}  # realised fraction of each kept count that saves FLOPs
     full = {}
+    x_full = torch.randn(1, prefix + 1024, 768)
     with torch.no_grad():
         for f in EXITS:
             n = prefix + 1024 - round(1024 * f)  # kept patch tokens of a 32 x 32 grid (and the CLS, if any)
             x = torch.randn(1, n, 768)
             fr = vit_block_flops(blocks[0], n) / vit_block_flops(blocks[0], prefix + 1024)
             cells = []
-            for k in kernels:  # both kernels on the same tokens, back to back
+            for k in kernels:
                 use_linear_kernel(model, k)
-                ms = median_ms(lambda: run(x), a.repeats)
-                full.setdefault(k, ms)
-                tr = ms / full[k]
+                # all tokens and the kept ones back to back, so that drift hits both alike
+                t = alternate([lambda: run(x_full)], [lambda: run(x)], torch.device("cpu"), 1, a.repeats)
+                full.setdefault(k, 1e3 * t.total("dense"))
+                tr = t.ratio()
                 if fr < 1:
                     saved[k].append(realised(tr, fr))
                 cells.append(f"{tr:.3f} | {f'{saved[k][-1]:.2f}' if fr < 1 else 'n/a'}")
@@ -80,7 +70,8 @@ def main() -> None:
     spans = "; ".join(f"{min(saved[k]):.2f} to {max(saved[k]):.2f} with {k}" for k in kernels)
     body = [
         f"Measured by `{command}` ({torch.get_num_threads()} threads, fp32): the six ViT-B/16 blocks after the "
-        f"first exit on one image's tokens, against the same blocks on all {prefix + 1024} tokens ({totals}), "
+        f"first exit on one image's tokens, against the same blocks on all {prefix + 1024} tokens ({totals}; "
+        "the two run back to back, the ratio is of their medians), "
         "with torch's default linear kernel (aten: MKL sgemm, which repacks the weights on every call) and with "
         f"weights packed once for oneDNN (`--linear onednn`, the default on CPU). Each block reads {weights_mb:.0f} MB "
         "of weights whatever its token count, so with aten time falls slower than FLOPs when few tokens stay. "

@@ -114,16 +114,21 @@ def _time(fn: Callable[[], Any], device: torch.device) -> float:
 def alternate(dense_fns: Sequence[Callable[[], Any]], dtop_fns: Sequence[Callable[[], Any]], device: torch.device,
               warmup: int, repeats: int) -> Timing:
     """Warm up, then ``repeats`` times time item ``i`` dense and DToP back to back, for every item: a drift
-    in the machine's speed (other tenants, clocks) hits both sides of each pair alike."""
+    in the machine's speed (other tenants, clocks) hits both sides of each pair alike. The order within a
+    pair alternates between repeats (dense first, then DToP first), so that neither side always runs
+    second, on caches the other warmed."""
     for _ in range(warmup):
         for d, p in zip(dense_fns, dtop_fns):
             d()
             p()
     t = Timing([[] for _ in dense_fns], [[] for _ in dtop_fns])
-    for _ in range(repeats):
+    for r in range(repeats):
         for i, (d, p) in enumerate(zip(dense_fns, dtop_fns)):
+            if r % 2:
+                t.dtop[i].append(_time(p, device))
             t.dense[i].append(_time(d, device))
-            t.dtop[i].append(_time(p, device))
+            if not r % 2:
+                t.dtop[i].append(_time(p, device))
     return t
 
 
