@@ -67,14 +67,14 @@ def main() -> None:
             print(rows[-1], flush=True)
     command = shlex.join(["python", "benchmarks/block_scaling.py", *sys.argv[1:]])
     totals = ", ".join(f"{full[k]:.0f} ms with {k}" for k in kernels)
-    spans = "; ".join(f"{min(saved[k]):.2f} to {max(saved[k]):.2f} with {k}" for k in kernels)
+    spans = " and ".join(f"{min(saved[k]):.2f} to {max(saved[k]):.2f} ({k})" for k in kernels)
     body = [
         f"Measured by `{command}` ({torch.get_num_threads()} threads, fp32): the six ViT-B/16 blocks after the "
         f"first exit on one image's tokens, against the same blocks on all {prefix + 1024} tokens ({totals}; "
         "the two run back to back, the ratio is of their medians), "
         "with torch's default linear kernel (aten: MKL sgemm, which repacks the weights on every call) and with "
         f"weights packed once for oneDNN (`--linear onednn`, the default on CPU). Each block reads {weights_mb:.0f} MB "
-        "of weights whatever its token count, so with aten time falls slower than FLOPs when few tokens stay. "
+        "of weights whatever its token count, so time falls a little slower than FLOPs when few tokens stay. "
         f"The blocks alone realise {spans} of their FLOP saving here. The rest of the batch-1 loss in the Speed "
         "section is in costs that do not shrink with the tokens: DToP's two extra stage heads, its bookkeeping, "
         "and the patch embedding and the upsampling of the class maps to full resolution that both models pay.",

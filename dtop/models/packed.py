@@ -4,8 +4,8 @@ torch's ``F.linear`` on CPU calls MKL's sgemm, which re-packs the weight matrix 
 layout on every call. A ViT-B block reads 28 MB of weights whatever its token count, so that
 repacking is a cost that does not shrink when tokens leave (the blocks after an exit run on as few
 as 100 tokens). oneDNN's linear with the weight packed once (``mkldnn::_reorder_linear_weight``, the
-kernels torch.compile's CPU backend uses) skips it: on a 2-core x86 CPU the four ViT-B linears take
-13% less time on 1024 tokens and 28% less on 103 (``benchmarks/RESULTS.md``).
+kernels torch.compile's CPU backend uses) skips it: on a 2-core x86 CPU six ViT-B blocks took about
+15% less time on 1024 tokens and 38% less on 102 (``benchmarks/block_scaling.py``, in RESULTS.md).
 
 :class:`PackedLinear` is an ``nn.Linear`` (same parameters, same ``state_dict``) that uses the packed
 weight when it can (CPU, float32, no autograd, no autocast) and ``F.linear`` otherwise, and repacks
