@@ -4,7 +4,8 @@
 
 Runs the six blocks after DToP's first exit (blocks 6..11 of ViT-B/16) on one image's worth of tokens
 for the kept counts of the speed benchmark's exit pattern, and compares each time with the FLOP ratio
-(analytic count, as `dtop flops`), with torch's default linear kernel and with oneDNN-packed weights. Writes the "Speed: block time against kept tokens" section of RESULTS.md.
+(analytic count, as `dtop flops`), with torch's default linear kernel and with oneDNN-packed weights.
+Writes the "Speed: block time against kept tokens" section of RESULTS.md.
 """
 from __future__ import annotations
 

@@ -45,7 +45,9 @@ def _add_allocator(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_linear(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--linear", choices=["auto", "onednn", "aten"], default="auto",
+    from .models.packed import LINEAR_KERNELS
+
+    sp.add_argument("--linear", choices=LINEAR_KERNELS, default="auto",
                     help="linear layers in fp32 CPU inference: onednn packs the weights once for oneDNN "
                          "(faster, above all on few tokens); aten is torch's default (MKL sgemm); "
                          "auto: onednn on CPU where this torch has it")
@@ -196,12 +198,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
         images = torch.randn(args.batch, 3, *args.size)
         n = args.batch
-        if args.p0 is not None and args.exit_fractions is None:  # the untrained heads decide at this threshold
-            model = create_model(args.name, num_classes=args.num_classes, p0=args.p0)
-            fractions = None
-        else:
-            model = create_model(args.name, num_classes=args.num_classes, p0=0.5)
-            fractions = args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)]
+        heads_decide = args.p0 is not None and args.exit_fractions is None  # the untrained heads, at this p0
+        model = create_model(args.name, num_classes=args.num_classes, p0=args.p0 if heads_decide else 0.5)
+        fractions = None if heads_decide else (
+            args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)])
     linear = use_linear_kernel(model, args.linear, device)
     paths = args.paths or [default_path(device)] + [p for p in ("per_image", "packed", "padded") if p != default_path(device)]
     result = run_bench(model, images, args.batch, paths, device, getattr(torch, args.dtype), args.warmup,
@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-classes", type=int, default=150)
     sp.add_argument("--checkpoint", help="a trained dtop checkpoint: prune real images at its p0")
     sp.add_argument("--images", help="folder of images for --checkpoint")
-    sp.add_argument("--p0", type=float, default=None, help="exit threshold: with --checkpoint, instead of the checkpoint's; without, the "
+    sp.add_argument("--p0", type=float, default=None,
+                    help="exit threshold: with --checkpoint, instead of the checkpoint's; without, the "
                          "(untrained) heads decide instead of --exit-fractions (--p0 1: nothing can exit, "
                          "the auxiliary heads are skipped)")
     sp.add_argument("--exit-fractions", type=float, nargs="+", default=None,

@@ -84,14 +84,12 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def _swap(model: nn.Module, kind: type, convert) -> int:
-    swapped = 0
+def _swap(model: nn.Module, kind: type, convert) -> None:
+    """Replace every submodule of exactly type ``kind`` by ``convert(submodule)``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is kind:
                 setattr(parent, name, convert(child))
-                swapped += 1
-    return swapped
 
 
 def use_linear_kernel(model: nn.Module, kernel: str = "auto", device: Optional[torch.device] = None) -> str:
