@@ -28,7 +28,7 @@ GALLERY_IMAGE ?= ../shared/data/camvid/val/0016E5_07959.png
 gallery: $(STAMP)
 	$(VENV)/bin/dtop report runs/camvid/compare --out docs/gallery --images 3 --max-width 900
 	$(VENV)/bin/dtop predict runs/camvid/compare/train/dtop/last.pt $(GALLERY_IMAGE) --p0 0.9 --out docs/gallery/predict
-	$(PY) -c "import glob; from dtop.viz.report import shrink_png; [shrink_png(p, 480) for p in glob.glob('docs/gallery/predict/*.png')]"
+	$(PY) -c "import glob; from dtop.viz import shrink_png; [shrink_png(p, 480) for p in glob.glob('docs/gallery/predict/*.png')]"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
-from dtop.bench import alternate, realised  # noqa: E402
+from dtop.apps.bench import alternate, realised  # noqa: E402
 from dtop.engine.common import keep_freed_memory  # noqa: E402
 from dtop.flops import vit_block_flops  # noqa: E402
 from dtop.models import create_model  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import images, p0_at_quantile, tiny_model  # noqa: E402
 
-from dtop.pruning.execution import varlen_kernel_available  # noqa: E402
+from dtop.models.blocks import varlen_kernel_available  # noqa: E402
 
 
 def main() -> None:
@@ -23,14 +23,14 @@ def main() -> None:
         model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
         for dtype in (torch.float32, torch.bfloat16):
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                model.set_execution("per_image")
+                model.set_layout("per_image")
                 ref = model(x)
                 for path in ("padded", "packed"):
-                    model.set_execution(path)
+                    model.set_layout(path)
                     out = model(x)
                     key = f"{'+'.join(heads)}/{str(dtype)[6:]}/{path}"
                     results[key] = {
-                        "max_abs_logit_diff": float((out.logits.float() - ref.logits.float()).abs().max()),
+                        "max_abs_logit_diff": float((out.scores.float() - ref.scores.float()).abs().max()),
                         "exit_maps_equal": bool(torch.equal(out.exit_stage, ref.exit_stage)),
                         "tokens_equal": bool(torch.equal(out.tokens_per_block, ref.tokens_per_block)),
                     }

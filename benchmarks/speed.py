@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
-from dtop.bench import realised  # noqa: E402
+from dtop.apps.bench import realised  # noqa: E402
 
 SPREAD = ["0.3", "0.39", "0.47", "0.56", "0.64", "0.73", "0.81", "0.9"]
 
@@ -37,7 +37,7 @@ def bench(args: list[str]) -> tuple[str, dict]:
 
 def rows(cmd: str, r: dict, label: str) -> list[str]:
     out = []
-    for path, e in r["paths"].items():
+    for path, e in r.get("layouts", r.get("paths", {})).items():  # "paths": the older name, in older JSON files
         out.append(f"| {label} | {r['device']} {r['dtype']} | {path} | {_ratios(r)} | "
                    f"{e['time_ratio_batch1']:.3f} | {e['time_ratio_mixed']:.3f} | {_f(e['realised_batch1'])} | "
                    f"{_f(e['realised_mixed'])} | {r['peak_mem_dense_mb']:.0f} / {e['peak_mem_dtop_mb']:.0f} |")
@@ -52,7 +52,7 @@ def _ratios(r: dict) -> str:
 
 def _per_image(results: dict, label: str) -> dict:
     """The per_image entry of the first run whose label starts with ``label``."""
-    return next(r for lab, r in results.items() if lab.startswith(label))["paths"]["per_image"]
+    return next(r for lab, r in results.items() if lab.startswith(label))["layouts"]["per_image"]
 
 
 def _ms(results: dict, label: str, side: str) -> str:
@@ -79,10 +79,10 @@ def main() -> None:
     spread = [*b16, "--exit-fractions", *SPREAD, *rep]
     runs = [
         ("ViT-B/16 512, 8 images leaving 30..90% at block 6", spread),
-        ("the same, torch's default linear kernel (aten)", [*spread, "--paths", "per_image", "--linear", "aten"]),
-        ("the same, C library's default allocator", [*spread, "--paths", "per_image", "--allocator", "system"]),
-        ("ViT-B/16 512, p0 1: nothing can leave (overhead)", [*b16, "--p0", "1", "--paths", "per_image", *rep]),
-        ("ViT-B/16 512, heads run but nothing leaves", [*b16, "--exit-fractions", "0", "--paths", "per_image", *rep]),
+        ("the same, torch's default linear kernel (aten)", [*spread, "--layouts", "per_image", "--linear", "aten"]),
+        ("the same, C library's default allocator", [*spread, "--layouts", "per_image", "--allocator", "system"]),
+        ("ViT-B/16 512, p0 1: nothing can leave (overhead)", [*b16, "--p0", "1", "--layouts", "per_image", *rep]),
+        ("ViT-B/16 512, heads run but nothing leaves", [*b16, "--exit-fractions", "0", "--layouts", "per_image", *rep]),
     ]
     if Path(ROOT / a.camvid_checkpoint).is_file() and Path(a.camvid_images).is_dir():
         runs.append(("CamVid ViT-T (trained), real val images, p0 0.9",
@@ -95,12 +95,12 @@ def main() -> None:
         commands.append(cmd)
         table += rows(cmd, r, label)
         if args is spread:
-            main_runs.append(r["paths"]["per_image"])
+            main_runs.append(r["layouts"]["per_image"])
         print(label, "exit fractions", r["exit_fractions"], flush=True)
-    repeat = [*spread, "--paths", "per_image"]
+    repeat = [*spread, "--layouts", "per_image"]
     for _ in range(a.runs - 1):
         cmd, r = bench(repeat)
-        main_runs.append(r["paths"]["per_image"])
+        main_runs.append(r["layouts"]["per_image"])
     if a.runs > 1:
         commands.append(f"{cmd}  # {a.runs - 1} more time(s)")
     spread_lines = [f"| {k.replace('_', ' ')} | " + " | ".join(f"{e[k]:.3f}" for e in main_runs) +

@@ -1,6 +1,11 @@
-"""Reading weight files safely and loading them with errors that list what does not match."""
+"""Reading and writing weight files: safe loading, atomic saves, and errors that list what does not match.
+
+This module reads and writes files and imports nothing from dtop but its errors; building a model from a
+checkpoint is :func:`dtop.models.load_model`.
+"""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Union
@@ -14,8 +19,9 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
 _MAX_LISTED = 12
 
 
-def _read(path: Union[str, Path]):
-    """The object in a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
+def read_file(path: Union[str, Path]):
+    """The object in a ``.safetensors`` file or a torch file read with ``weights_only=True``; CheckpointError
+    for a missing or unreadable file and for a pickle that needs arbitrary code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -37,21 +43,29 @@ def _read(path: Union[str, Path]):
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
-def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
-
-    A nested ``state_dict``/``model`` entry is unwrapped and a ``module.`` prefix (DDP) stripped.
-    """
-    state = _read(path)
+def unwrap_state_dict(obj, source: str = "the checkpoint") -> dict[str, Tensor]:
+    """The state dict inside ``obj``: a nested ``state_dict``/``model``/``model_state``/``module`` entry is
+    unwrapped and a ``module.`` prefix (DDP) stripped. CheckpointError naming ``source`` and the offending
+    keys when it is not a dict of tensors."""
     for key in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} does not hold a state dict of tensors (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{source} does not hold a state dict of tensors: non-tensor entries "
+                              f"{_listing(sorted(map(str, bad)))}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file
+    (:func:`unwrap_state_dict` applied)."""
+    return unwrap_state_dict(read_file(path), source=str(path))
 
 
 def _listing(keys: list[str]) -> str:
@@ -86,8 +100,6 @@ def check_and_load(module: nn.Module, state: dict[str, Tensor], source: str = "c
 def save_atomic(obj: dict, path: Union[str, Path]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
     a crash leaves either the old checkpoint or the new one, never a partial file."""
-    import os
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -104,23 +116,8 @@ def save_atomic(obj: dict, path: Union[str, Path]) -> None:
 
 def load_checkpoint(path: Union[str, Path]) -> dict:
     """A dtop training checkpoint (``weights_only=True``): keys model, model_config, config, iter, ..."""
-    ckpt = _read(path)
+    ckpt = read_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a dtop checkpoint (no 'model'/'model_config' entries); "
                               f"published Segmenter/SegViT weights load with dtop.convert.load_into")
     return ckpt
-
-
-def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", reduction=None):
-    """Rebuild a :class:`DToPSegmentor` from a dtop checkpoint and load its weights. ``reduction``
-    (a :class:`~dtop.models.config.ReductionSpec`) applies a token-reduction alternative to the
-    checkpoint's model: training-free for Expedite, pooling, sampling and shrunk (which reuse the
-    weights); a convolution absent from the checkpoint starts as its 2x2 average."""
-    from .models import DToPSegmentor, SegmentorConfig
-
-    ckpt = load_checkpoint(path)
-    extra = {"reduction": reduction} if reduction is not None else {}
-    mcfg = SegmentorConfig.from_dict({**ckpt["model_config"], "pretrained": False, **extra})
-    model = DToPSegmentor(mcfg)
-    check_and_load(model, ckpt["model"], source=str(path), may_miss=("reducer.",) if reduction is not None else ())
-    return model.to(device)

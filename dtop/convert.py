@@ -37,12 +37,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_state_dict_file
+from .checkpoint import load_state_dict_file, unwrap_state_dict
 from .errors import CheckpointError
 
 FORMATS = ("dtop", "segmenter", "mmseg_segmenter", "mmseg_segvit")
 _SHOW = 8
-_WRAPPERS = ("state_dict", "model", "model_state", "module")
 
 # A rule: (source sub-key regex, our sub-key template or None to drop, transform name or None).
 Rule = tuple[str, Optional[str], Optional[str]]
@@ -174,19 +173,6 @@ def detect_format(state: dict[str, Any]) -> str:
         "dtop ('backbone.vit.*', 'heads.*'), official Segmenter ('encoder.*', 'decoder.*'), mmseg ViT "
         "('backbone.layers.{i}.attn.attn.in_proj_weight', ...) with a Segmenter mask head or DToP PruneHeads "
         "('decode_head.*', 'auxiliary_head.{i}.*')")
-
-
-def _unwrap(state: dict) -> dict[str, Tensor]:
-    for key in _WRAPPERS:
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"the state dict holds non-tensor entries: {_few(bad)}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
 
 
 class _Conversion:
@@ -436,7 +422,7 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "a
     and ``notes``. Raises :class:`CheckpointError` for unknown keys, weights the model has no place
     for, and shape mismatches (naming the key and both shapes).
     """
-    state = _unwrap(dict(state))
+    state = unwrap_state_dict(dict(state), source="the state dict")
     if fmt == "auto":
         fmt = detect_format(state)
     if fmt not in FORMATS:
@@ -529,7 +515,7 @@ def load_into(model: nn.Module, path_or_state: Union[str, Path, dict], fmt: str 
         state = load_state_dict_file(path_or_state)
         source = str(path_or_state)
     elif isinstance(path_or_state, dict):
-        state = _unwrap(path_or_state)
+        state = unwrap_state_dict(path_or_state, source="the state dict")
         source = "the state dict"
     else:
         raise CheckpointError(f"load_into takes a file path or a state dict, got {type(path_or_state).__name__}")

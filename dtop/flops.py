@@ -1,16 +1,21 @@
-"""Analytic FLOP counts driven by the real token counts of a forward pass.
+"""Analytic FLOP counts driven by the real token counts of a forward pass (``docs/method/flops.md``).
 
 Convention (fvcore's): one multiply-add = one FLOP, batch 1; linear/conv/matmul count
 in x out per row; LayerNorm 5 per element; bilinear upsampling 4 per output element;
 softmax, activations, additions and index operations count zero. Attention matmuls are
 counted (fvcore and FlopCounterMode miss them when they run as fused SDPA).
+
+The models do not count themselves: a forward returns its token counts
+(:class:`~dtop.models.SegmentationOutput`), and :func:`forward_gflops` turns them into GFLOPs.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from .models import ReducedSegmentor, Segmentor, SegmentationOutput, create_model
 from .models.heads import ATMHead, LinearHead, MaskTransformerHead
 
 
@@ -96,7 +101,7 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
     f = conv.in_channels * conv.out_channels * p * p * N
     f += _norm(getattr(vit.patch_embed, "norm", None), N * bb.embed_dim)
     f += _norm(getattr(vit, "norm_pre", None), (bb.num_prefix + N) * bb.embed_dim)
-    red = getattr(model, "reducer", None) if reduced else None
+    red = model.reducer if reduced and isinstance(model, ReducedSegmentor) else None
     shrunk = red is not None and red.kind == "shrunk"
     f += sum(vit_block_flops(blk, int(n), bb.prefix_in_blocks + N if shrunk and i == red.block else None)
              for i, (blk, n) in enumerate(zip(bb.blocks, tokens_per_block)))
@@ -152,26 +157,20 @@ def _quadratic(fn) -> tuple[int, int, int]:
 
 
 def _coefficients(model) -> tuple:
-    """Per block and per stage head (with the final norm), the quadratic FLOP coefficients; cached on the model."""
-    cached = getattr(model, "_flop_coefficients", None)
-    if cached is None:
-        bb = model.backbone
-        blocks = [_quadratic(lambda n, blk=blk: vit_block_flops(blk, n)) for blk in bb.blocks]
-        heads = []
-        for s, head in enumerate(model.heads):
-            norm = model.cfg.final_norm and s == model.num_stages - 1
-            heads.append(_quadratic(lambda n, h=head, fn=norm: head_flops(h, n) + (
-                _norm(bb.vit.norm, n * bb.embed_dim) if fn else 0)))
-        cached = (blocks, heads)
-        object.__setattr__(model, "_flop_coefficients", cached)
-    return cached
+    """Per block and per stage head (with the final norm), the quadratic FLOP coefficients."""
+    bb = model.backbone
+    blocks = [_quadratic(lambda n, blk=blk: vit_block_flops(blk, n)) for blk in bb.blocks]
+    heads = []
+    for s, head in enumerate(model.heads):
+        norm = model.cfg.final_norm and s == model.num_stages - 1
+        heads.append(_quadratic(lambda n, h=head, fn=norm: head_flops(h, n) + (
+            _norm(bb.vit.norm, n * bb.embed_dim) if fn else 0)))
+    return blocks, heads
 
 
-def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block, head_tokens):
+def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block: Tensor, head_tokens: Tensor) -> Tensor:
     """Vectorised :func:`segmentor_flops` for a batch: tokens_per_block (B, depth), head_tokens (B, S)
     integer tensors -> (B,) float64 FLOPs (exact integers up to 2**53)."""
-    import torch
-
     blocks, heads = _coefficients(model)
     const = segmentor_flops(model, size, [0] * len(blocks), [0] * len(heads))
     total = torch.full((tokens_per_block.shape[0],), float(const), dtype=torch.float64,
@@ -203,12 +202,22 @@ def dense_flops(model, size: tuple[int, int], final_head_only: bool = False) -> 
 def static_flops(model, size: tuple[int, int], final_head_only: bool = False) -> int:
     """FLOPs of the model without early exit: the dense model, or the reduced forward of a model with
     a token-reduction alternative."""
-    if getattr(model, "reducer", None) is None:
+    if not isinstance(model, ReducedSegmentor):
         return dense_flops(model, size, final_head_only)
     return segmentor_flops(model, size, *reduced_counts(model, size, final_head_only))
 
 
-# DESIGN.md section 4: (preset, crop, classes, final head only, reference GFLOPs).
+def forward_gflops(model: Segmentor, out: SegmentationOutput) -> Tensor:
+    """(B,) float64 GFLOPs of each image of the forward that returned ``out``, counted from its token
+    counts (``out.tokens_per_block``, ``out.head_tokens``) at ``out.image_size``."""
+    if isinstance(model, ReducedSegmentor):  # every image alike; the reduction's cost is not a polynomial
+        flops = segmentor_flops(model, out.image_size, out.tokens_per_block[0].tolist(), out.head_tokens[0].tolist())
+        return torch.full((out.tokens_per_block.shape[0],), flops / 1e9, dtype=torch.float64)
+    return segmentor_flops_batch(model, out.image_size, out.tokens_per_block, out.head_tokens) / 1e9
+
+
+# The paper's dense GFLOPs (docs/method/flops.md, DESIGN.md section 4):
+# (preset, crop, classes, final head only, reference GFLOPs).
 PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
     ("segmenter_vit_s16", 512, 150, True, 38.6),
     ("segmenter_vit_b16", 512, 150, True, 129.6),
@@ -224,10 +233,6 @@ def preset_gflops(name: str, size: tuple[int, int], num_classes: int, final_head
                   **overrides) -> float:
     """GFLOPs of a preset without early exit (dense, or with a ``reduction`` override), built on the
     meta device (no weights allocated)."""
-    import torch
-
-    from .models.registry import create_model
-
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **overrides)
     return static_flops(model, size, final_head_only) / 1e9

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtop.flops import forward_gflops
 from dtop.models import DToPSegmentor, SegmentorConfig, StageSpec
 from dtop.pruning import confidence
 
@@ -23,6 +24,11 @@ def tiny_model(heads=("atm", "atm", "atm"), blocks=(1, 2, 3), cls_mode="segvit",
     return DToPSegmentor(cfg).eval()
 
 
+def gflops(model, out) -> torch.Tensor:
+    """(B,) GFLOPs of the forward that returned ``out`` (the model does not count them itself)."""
+    return forward_gflops(model, out)
+
+
 def images(batch=2, h=64, w=96, seed=1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, h, w, generator=g)
@@ -33,7 +39,7 @@ def stage_confidence(model: DToPSegmentor, images_: torch.Tensor, stage: int = 0
     x, _ = model.backbone.embed(images_)
     for blk in model.backbone.blocks[: model.stage_blocks[stage] + 1]:
         x = blk(x)
-    return confidence(model._decode(stage, x[:, model.backbone.prefix_in_blocks:]).probs())[0]
+    return confidence(model.decode(stage, x[:, model.backbone.prefix_in_blocks:]).probs())[0]
 
 
 def p0_at_quantile(model, images_, q=0.5, stage=0) -> float:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dtop.bench import PeakTensorMemory, Timing, alternate, forced_exits, run_bench
+from dtop.apps.bench import PeakTensorMemory, Timing, alternate, forced_exits, run_bench
 from dtop.cli import main
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import images, tiny_model
 from dtop.checkpoint import load_checkpoint
 from dtop.config import load_config
-from dtop.demo import demo_config
+from dtop.apps.demo import demo_config
 from dtop.engine import intersection_union, segmentation_loss, train
 from dtop.engine.evaluate import _windows, predict, update_histogram
 from dtop.engine.losses import atm_loss, pixel_ce_loss, sigmoid_focal
@@ -50,7 +50,7 @@ def test_atm_loss_parts_match_definitions():
     logits = torch.randn(1, K, 2, 2)
     presence = torch.randn(1, K, 2)
     label = torch.tensor([[0, 0], [1, 255]]).repeat_interleave(16, 0).repeat_interleave(16, 1)[None]
-    from dtop.models.segmentor import StageOutput
+    from dtop.models.outputs import StageOutput
 
     st = StageOutput(canvas=logits, presence=presence, logits=logits, valid=torch.ones(1, 2, 2, dtype=torch.bool))
     parts = atm_loss(st, label)
@@ -103,14 +103,14 @@ def test_sliding_windows_cover_and_average():
     cfg = load_config(sets=["eval.mode=slide", "eval.window=[48,48]", "eval.stride=[32,32]"])
     img = images(1, 80, 100)[0]
     pred = predict(model, img, cfg.eval, dense=True)
-    assert pred.logits.shape == (5, 80, 100)
+    assert pred.scores.shape == (5, 80, 100)
     # windows overlap: the average equals the mean of the per-window dense outputs at a shared pixel
     with torch.no_grad():
         outs = [model.forward_dense(torch.nn.functional.pad(img[:, y1:y2, x1:x2][None], (0, 0, 0, 0)))[0]
                 for y1, y2, x1, x2 in _windows(80, 100, (48, 48), (32, 32))]
     boxes = _windows(80, 100, (48, 48), (32, 32))
     covering = [o[:, 40 - y1, 40 - x1] for o, (y1, y2, x1, x2) in zip(outs, boxes) if y1 <= 40 < y2 and x1 <= 40 < x2]
-    torch.testing.assert_close(pred.logits[:, 40, 40], torch.stack(covering).mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.scores[:, 40, 40], torch.stack(covering).mean(0), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- configs

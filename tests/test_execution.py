@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from conftest import CLS_MODES, HEAD_SETS, images, p0_at_quantile, tiny_model
+from conftest import CLS_MODES, HEAD_SETS, gflops, images, p0_at_quantile, tiny_model
 from dtop.errors import ConfigError
-from dtop.pruning.execution import BucketedTokens, PaddedTokens
+from dtop.models.layouts import BucketedTokens, PaddedTokens
 
 LAYOUTS = [("padded", False), ("padded", True), ("packed", False)]
 
@@ -21,17 +21,17 @@ def test_layout_equals_per_image(heads, cls_mode, path, bucket):
     x = _batch()
     model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
     with torch.no_grad():
-        model.set_execution("per_image")
+        model.set_layout("per_image")
         ref = model(x)
-        model.set_execution(path, bucket)
+        model.set_layout(path, bucket)
         out = model(x)
     assert len(set(ref.tokens_per_block[:, -1].tolist())) > 1  # images kept different numbers of tokens
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.token_logits, ref.token_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.canvas, ref.canvas, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.exit_stage, ref.exit_stage)
     assert torch.equal(out.tokens_per_block, ref.tokens_per_block)
     assert torch.equal(out.head_tokens, ref.head_tokens)
-    assert torch.equal(out.gflops, ref.gflops)
+    assert torch.equal(gflops(model, out), gflops(model, ref))
     for a, b in zip(out.stages, ref.stages):
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
         assert torch.equal(a.valid, b.valid)
@@ -47,7 +47,7 @@ def test_layouts_train_with_the_same_gradients(path, bucket):
     for p, b in (("per_image", False), (path, bucket)):
         model = tiny_model(("atm", "linear", "mask"), cls_mode="segmenter", topk=1)
         model.set_p0(p0_at_quantile(model, x, 0.4))
-        model.train().set_execution(p, b)
+        model.train().set_layout(p, b)
         loss, _ = segmentation_loss(model(x), label)
         loss.backward()
         grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))
@@ -60,10 +60,10 @@ def test_image_with_every_token_gone_stays_finite():
     model.force_exit = lambda stage, conf, valid: valid & (torch.arange(4)[:, None] == 0)  # image 0: all leave
     model.set_p0(0.5)
     for path, bucket in [("per_image", False)] + LAYOUTS:
-        model.set_execution(path, bucket)
+        model.set_layout(path, bucket)
         with torch.no_grad():
             out = model(x)
-        assert torch.isfinite(out.logits).all(), path
+        assert torch.isfinite(out.scores).all(), path
         assert out.tokens_per_block[0, -1] == 0 and (out.exit_stage[0] == 0).all()
 
 
@@ -79,6 +79,6 @@ def test_bucketing_groups_similar_lengths():
     assert bucketed.counts().tolist() == [10, 2, 9, 3]
 
 
-def test_unknown_execution_path():
-    with pytest.raises(ConfigError, match="unknown execution path 'fast'"):
-        tiny_model().set_execution("fast")
+def test_unknown_layout():
+    with pytest.raises(ConfigError, match="unknown layout 'fast'"):
+        tiny_model().set_layout("fast")

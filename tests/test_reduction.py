@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import images, tiny_model
+from conftest import gflops, images, tiny_model
 from dtop.errors import ConfigError
 from dtop.flops import dense_flops, static_flops
-from dtop.models import DToPSegmentor, SegmentorConfig
+from dtop.models import DToPSegmentor, ReducedSegmentor, SegmentorConfig, build_model
 from dtop.models.config import ReductionSpec, default_block
 from dtop.models.reduction import (SymmetricDownsample, cluster_tokens, query_downsample_block,
                                    reconstruction_weights, subsample, upsample_tokens, window_mask)
@@ -17,10 +17,10 @@ from test_flops import fvcore_count
 KINDS = ["conv", "avgpool", "nearest", "shrunk", "expedite"]
 
 
-def reduced(model: DToPSegmentor, kind: str, **spec) -> DToPSegmentor:
+def reduced(model: DToPSegmentor, kind: str, **spec) -> ReducedSegmentor:
     """``model``'s weights in a model with the reduction ``kind`` (new reducer weights keep their init)."""
     cfg = dataclasses.replace(model.cfg, reduction=ReductionSpec(kind, **spec))
-    r = DToPSegmentor(cfg).eval()
+    r = build_model(cfg).eval()
     missing, unexpected = r.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("reducer.") for k in missing)
     return r
@@ -112,14 +112,14 @@ def test_reduced_models_shapes_and_gflops_equal_fvcore(kind, cls_mode):
     x = images(2, 48, 112)  # a 3 x 7 token grid: odd on both sides
     with torch.no_grad():
         out = model(x)
-    assert out.logits.shape == (2, 5, 48, 112) and out.token_logits.shape == (2, 5, 3, 7)
-    assert torch.isfinite(out.logits).all()
+    assert out.scores.shape == (2, 5, 48, 112) and out.canvas.shape == (2, 5, 3, 7)
+    assert torch.isfinite(out.scores).all()
     kept = 2 * 4  # halved: ceil(3/2) x ceil(7/2); Expedite at scale 0.5: round(1.5) x round(3.5)
     P = model.backbone.prefix_in_blocks
     assert out.tokens_per_block[0].tolist() == [P + 21, P + 21 if kind != "shrunk" else P + kept, P + kept,
                                                 P + kept]
     assert out.head_tokens[0].tolist() == [0, 0, kept]  # eval: only the final head runs
-    flops = round(out.gflops[0].item() * 1e9)
+    flops = round(gflops(model, out)[0].item() * 1e9)
     assert flops == fvcore_count(model, x[:1])
     assert flops == static_flops(model, (48, 112), final_head_only=True)
     assert flops < dense_flops(tiny_model(("linear", "mask", "atm"), cls_mode=cls_mode), (48, 112), True)
@@ -131,7 +131,7 @@ def test_training_forward_counts_every_head(kind):
     x = images(1, 64, 96)
     out = model(x)
     assert len(out.stages) == 3 and all(s.logits.shape == (1, 5, 4, 6) for s in out.stages)
-    assert round(out.gflops[0].item() * 1e9) == fvcore_count(model.eval(), x) + (
+    assert round(gflops(model, out)[0].item() * 1e9) == fvcore_count(model.eval(), x) + (
         static_flops(model, (64, 96)) - static_flops(model, (64, 96), final_head_only=True))
     out.stages[0].logits.sum().backward()  # the heads before the reduction still train the backbone
     assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
@@ -145,10 +145,10 @@ def test_expedite_with_a_centroid_per_token_reproduces_the_dense_model():
     with torch.no_grad():
         dense, out = base.forward_dense(x), model(x)
     assert out.head_tokens[0, -1] == 24
-    assert torch.allclose(out.logits, dense, atol=1e-4)
+    assert torch.allclose(out.scores, dense, atol=1e-4)
     # with the default tau the same model is no longer exact (the clusters blur)
     with torch.no_grad():
-        blurred = reduced(base, "expedite", block=1, cluster_scale=1.0)(x).logits
+        blurred = reduced(base, "expedite", block=1, cluster_scale=1.0)(x).scores
     assert not torch.allclose(blurred, dense, atol=1e-4)
 
 
@@ -156,7 +156,7 @@ def test_conv_starts_as_average_pooling():
     base = tiny_model(("linear", "linear", "linear"))
     x = images(1, 64, 128)
     with torch.no_grad():
-        assert torch.allclose(reduced(base, "conv", block=2)(x).logits, reduced(base, "avgpool", block=2)(x).logits,
+        assert torch.allclose(reduced(base, "conv", block=2)(x).scores, reduced(base, "avgpool", block=2)(x).scores,
                               atol=1e-5)
 
 

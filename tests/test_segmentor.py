@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import CLS_MODES, images, p0_at_quantile, stage_confidence, tiny_model
+from conftest import CLS_MODES, gflops, images, p0_at_quantile, stage_confidence, tiny_model
 from dtop.flops import dense_flops
 from dtop.pruning import confidence, gather_tokens
 
@@ -14,28 +14,28 @@ def test_no_pruning_equals_dense(head_set, cls_mode):
     with torch.no_grad():
         out = model(x)
         dense = model.forward_dense(x)
-    assert out.logits.shape == (2, 5, 64, 96)
-    torch.testing.assert_close(out.logits, dense, atol=1e-5, rtol=0)
+    assert out.scores.shape == (2, 5, 64, 96)
+    torch.testing.assert_close(out.scores, dense, atol=1e-5, rtol=0)
     N = 4 * 6
     P = 1 if cls_mode == "segmenter" else 0
     assert (out.tokens_per_block == N + P).all()
     # in eval, heads where no token can leave are skipped (the final head overwrites them)
     assert out.head_tokens.tolist() == [[0, 0, N]] * 2 and len(out.stages) == 1
     assert (out.exit_stage == 2).all()
-    assert (out.gflops == out.gflops.new_tensor(dense_flops(model, (64, 96), final_head_only=True) / 1e9)).all()
+    assert (gflops(model, out) == gflops(model, out).new_tensor(dense_flops(model, (64, 96), final_head_only=True) / 1e9)).all()
     # in training every stage head runs (each has a loss), and the output is still the dense one
     model.train()
     with torch.no_grad():
         train_out = model(x)
     assert (train_out.head_tokens == N).all() and len(train_out.stages) == 3
-    torch.testing.assert_close(train_out.logits, dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(train_out.scores, dense, atol=1e-5, rtol=0)
 
 
 def test_p0_above_one_and_per_stage_list_also_disable_pruning():
     model = tiny_model(p0=[1.0, 1.5])
     x = images(1)
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, model.forward_dense(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x).scores, model.forward_dense(x), atol=1e-5, rtol=0)
 
 
 def _run_reference(model, x, out):
@@ -55,7 +55,7 @@ def _run_reference(model, x, out):
             for blk in model.backbone.blocks[prev + 1: block + 1]:
                 xb = blk(xb)
             prev = block
-            head_out = model._decode(s, xb[:, P:])
+            head_out = model.decode(s, xb[:, P:])
             vals = head_out.probs() if model.space == "prob" else head_out.logits
             full = torch.full((1, model.num_classes, N), float("nan"))
             full[:, :, kept] = vals
@@ -77,15 +77,15 @@ def test_exited_tokens_keep_their_exit_stage_logits(head_set, cls_mode):
         ref = _run_reference(model, x, out)
     counts = torch.bincount(out.exit_stage.flatten(), minlength=3)
     assert counts[0] > 0 and counts[2] > 0, counts  # tokens exit early and tokens go on
-    canvas = out.token_logits.flatten(2)
+    canvas = out.canvas.flatten(2)
     exit_flat = out.exit_stage.flatten(1)
     for s in range(3):
         sel = (exit_flat == s).unsqueeze(1).expand_as(canvas)
         torch.testing.assert_close(canvas[sel], ref[s][sel], atol=1e-5, rtol=0)
     if model.space == "atm":  # final score uses the final stage's presence for every token
-        expected = out.stages[-1].presence.softmax(-1)[..., :1] * out.token_logits.flatten(2).sigmoid()
+        expected = out.stages[-1].presence.softmax(-1)[..., :1] * out.canvas.flatten(2).sigmoid()
         up = torch.nn.functional.interpolate(expected.reshape(2, 5, 4, 6), size=(64, 96), mode="bilinear")
-        torch.testing.assert_close(out.logits, up, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.scores, up, atol=1e-6, rtol=0)
 
 
 def test_topk_context_tokens_stay_in_play():
@@ -106,7 +106,7 @@ def _stage0_probs(model, x):
     feats, _ = model.backbone.embed(x)
     for blk in model.backbone.blocks[: model.stage_blocks[0] + 1]:
         feats = blk(feats)
-    return model._decode(0, feats[:, model.backbone.prefix_in_blocks:]).probs()
+    return model.decode(0, feats[:, model.backbone.prefix_in_blocks:]).probs()
 
 
 @pytest.mark.parametrize("cls_mode", CLS_MODES)
@@ -145,11 +145,11 @@ def test_batch_equals_one_by_one(heads):
         singles = [model(x[b:b + 1]) for b in range(3)]
     assert len({tuple(o.exit_stage.flatten().tolist()) for o in singles}) > 1  # images prune differently
     for b, one in enumerate(singles):
-        torch.testing.assert_close(batch.logits[b], one.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.scores[b], one.scores[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(batch.exit_stage[b], one.exit_stage[0])
         assert torch.equal(batch.tokens_per_block[b], one.tokens_per_block[0])
-        assert batch.gflops[b] == one.gflops[0]
-    assert len(set(batch.gflops.tolist())) > 1
+        assert gflops(model, batch)[b] == gflops(model, one)[0]
+    assert len(set(gflops(model, batch).tolist())) > 1
 
 
 def test_pruned_training_step_has_gradients_in_every_head():
@@ -158,7 +158,7 @@ def test_pruned_training_step_has_gradients_in_every_head():
     model.set_p0(p0_at_quantile(model.eval(), x, 0.5))
     model.train()
     out = model(x)
-    loss = sum(s.canvas.square().mean() for s in out.stages) + out.logits.mean()
+    loss = sum(s.canvas.square().mean() for s in out.stages) + out.scores.mean()
     loss.backward()
     for i, head in enumerate(model.heads):
         grads = [p.grad for p in head.parameters() if p.grad is not None]
@@ -175,7 +175,7 @@ def test_exit_fractions_and_gflops_drop_with_pruning():
     fr = pruned.exit_fractions()
     torch.testing.assert_close(fr.sum(1), torch.ones(2))
     assert (fr[:, 0] > 0).all()
-    assert (pruned.gflops < dense.gflops).all()
+    assert (gflops(model, pruned) < gflops(model, dense)).all()
     conf = stage_confidence(model, x)
     assert conf.shape == (2, 24)
 

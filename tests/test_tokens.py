@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dtop.pruning import confidence, gather_tokens, scatter_tokens, select_exits
+from dtop.pruning import compact, confidence, gather_tokens, pad_positions, select_exits
 
 
 def brute_force_exits(conf, label, p0, k, valid=None):
@@ -61,17 +61,32 @@ def test_confidence():
     assert torch.allclose(conf, torch.tensor([[0.9, 0.8]])) and label.tolist() == [[1, 0]]
 
 
-def test_gather_scatter_roundtrip_with_prefix():
+def test_gather_with_prefix():
     x = torch.arange(2 * 6 * 3, dtype=torch.float).reshape(2, 6, 3)  # 1 prefix + 5 tokens
     idx = torch.tensor([0, 3, 4])
     g = gather_tokens(x, idx, offset=1)
     assert g.shape == (2, 4, 3)
     assert torch.equal(g[:, 0], x[:, 0]) and torch.equal(g[:, 1:], x[:, 1:][:, idx])
-    canvas = torch.zeros(2, 4, 5)
-    vals = torch.randn(2, 4, 3)
-    out = scatter_tokens(canvas, idx, vals)
-    assert torch.equal(out[:, :, idx], vals) and out[:, :, [1, 2]].abs().sum() == 0
-    assert canvas.abs().sum() == 0  # out of place
     per_image = torch.tensor([[0, 1, 2], [2, 3, 4]])
     g2 = gather_tokens(x, per_image, offset=1)
     assert torch.equal(g2[1, 1:], x[1, 1:][per_image[1]])
+
+
+def test_compact_moves_kept_entries_to_the_front_in_order():
+    keep = torch.tensor([[False, True, False, True, True], [True, False, False, False, False],
+                         [False] * 5])
+    order, valid = compact(keep)
+    assert order.shape == (3, 3)  # the longest row keeps 3
+    assert valid.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    assert order[0].tolist() == [1, 3, 4] and order[1, 0] == 0
+    for b in range(3):  # brute force: the kept columns, in order
+        assert order[b][valid[b]].tolist() == keep[b].nonzero()[:, 0].tolist()
+    empty_order, empty_valid = compact(torch.zeros(2, 4, dtype=torch.bool))
+    assert empty_order.shape == empty_valid.shape == (2, 0)
+
+
+def test_pad_positions_pads_with_the_sink_column():
+    pos, valid = pad_positions([torch.tensor([3, 5]), torch.tensor([0, 1, 7]), torch.tensor([], dtype=torch.long)],
+                               N=8)
+    assert pos.tolist() == [[3, 5, 8], [0, 1, 7], [8, 8, 8]]
+    assert valid.tolist() == [[True, True, False], [True, True, True], [False, False, False]]

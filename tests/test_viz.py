@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from dtop.cli import main
-from dtop.demo import demo_config
+from dtop.apps.demo import demo_config
 from dtop.engine import run_evaluation, train
 from dtop.viz import colorize, overlay, stage_colours
 from dtop.viz.figures import CELL, DPI
-from dtop.viz.report import load_run, spread
+from dtop.apps.report import load_run, spread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

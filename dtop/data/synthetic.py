@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from .datasets import SegDataset, Transform
+from .base import SegDataset, Transform
 from .meta import dataset_meta
 
 SKY, BUILDING, ROAD, SIDEWALK, TREE, CAR, POLE, PERSON = range(8)

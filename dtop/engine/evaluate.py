@@ -16,27 +16,34 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import EvalSection, ExperimentConfig
-from ..flops import dense_flops
+from ..flops import dense_flops, forward_gflops
+from ..models import DToPSegmentor, ReducedSegmentor, load_model
 from ..models.segmentor import upsample_scores
 
 
 @dataclass
 class Prediction:
-    """logits: (K, H, W) at the image's size; gflops: this image's total; exit_fractions: (S,);
-    exit_map: (H, W) long, the stage that finalised each pixel's token (overlapping windows: the last)."""
+    """scores: (K, H, W) at the image's size (argmax = prediction); gflops: this image's total;
+    exit_fractions: (S,); exit_map: (H, W) long, the stage that finalised each pixel's token (overlapping
+    windows: the last). ``logits`` is a deprecated name of ``scores``."""
 
-    logits: Tensor
+    scores: Tensor
     gflops: float
     exit_fractions: Tensor
     exit_map: Optional[Tensor] = None
     dense_gflops: float = 0.0  # the dense model's GFLOPs on the same crops (analytic)
 
+    @property
+    def logits(self) -> Tensor:
+        """Deprecated name of :attr:`scores`."""
+        return self.scores
+
     def label_map(self, size: Sequence[int]) -> Tensor:
         """(H, W) predicted classes at ``size`` (scores upsampled bilinearly first), on the CPU."""
-        logits = self.logits
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = upsample_scores(logits[None].float(), tuple(size))[0]
-        return logits.argmax(0).cpu()
+        scores = self.scores
+        if tuple(scores.shape[-2:]) != tuple(size):
+            scores = upsample_scores(scores[None].float(), tuple(size))[0]
+        return scores.argmax(0).cpu()
 
     def exit_stages(self, size: Sequence[int]) -> Tensor:
         """(H, W) exit stage of every pixel at ``size`` (nearest), on the CPU."""
@@ -81,16 +88,16 @@ def predict(model, image: Tensor, ecfg: EvalSection, dense: bool = False, max_ba
         stage_maps = None
         dense_gflops += len(chunk) * dense_flops(model, tuple(chunk.shape[-2:]), final_head_only=True) / 1e9
         if dense:
-            logits = model.forward_dense(chunk)
+            scores = model.forward_dense(chunk)
             gflops = dense_gflops
             exits[-1] += len(chunk)
         else:
             out = model(chunk)
-            logits = out.logits
-            gflops += float(out.gflops.sum())
+            scores = out.scores
+            gflops += float(forward_gflops(model, out).sum())
             exits += out.exit_fractions().sum(0).cpu()
             stage_maps = F.interpolate(out.exit_stage[:, None].float(), size=chunk.shape[-2:], mode="nearest")[:, 0]
-        for j, ((y1, y2, x1, x2), lg) in enumerate(zip(boxes[start:start + max_batch], logits)):
+        for j, ((y1, y2, x1, x2), lg) in enumerate(zip(boxes[start:start + max_batch], scores)):
             summed[:, y1:y2, x1:x2] += lg[:, : y2 - y1, : x2 - x1].float()
             count[:, y1:y2, x1:x2] += 1
             if stage_maps is not None:
@@ -147,7 +154,7 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         "gflops": round(sum(r["gflops"] for r in rows) / max(1, len(rows)), 4),
         "exit_fractions": [round(float(f), 5) for f in exit_sum / max(1, len(rows))],
         "num_images": len(rows), "variant": variant_kind(model, dense),
-        "p0": None if dense or model.reducer is not None else model.p0,
+        "p0": model.p0 if isinstance(model, DToPSegmentor) and not dense else None,
     }
     return metrics, rows
 
@@ -156,7 +163,7 @@ def variant_kind(model, dense: bool) -> str:
     """``dense``, ``dtop``, or the name of the model's token-reduction alternative."""
     if dense:
         return "dense"
-    return "dtop" if model.reducer is None else model.reducer.kind
+    return model.reducer.kind if isinstance(model, ReducedSegmentor) else "dtop"
 
 
 def _pct(v: Tensor) -> Optional[float]:
@@ -217,19 +224,17 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     A checkpoint of a token-reduction alternative (or any checkpoint with ``reduction``, a
     :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
     of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``)."""
-    from ..checkpoint import load_model
     from .common import build_dataset, progress_enabled, resolve_device
 
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     models = {checkpoint: load_model(checkpoint, device, reduction)}
-    reducer = models[checkpoint].reducer
     variants: list[tuple[str, Optional[float], str]] = []
     if with_dense:
         variants.append(("dense", None, dense_checkpoint or checkpoint))
-    if reducer is not None:
-        variants.append((reducer.kind, None, checkpoint))
+    if isinstance(models[checkpoint], ReducedSegmentor):
+        variants.append((models[checkpoint].reducer.kind, None, checkpoint))
     else:
         variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
     summary: list[dict[str, Any]] = []

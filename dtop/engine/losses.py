@@ -1,4 +1,4 @@
-"""Losses, one per stage head (DESIGN.md section 3).
+"""Losses, one per stage head (``docs/method/training.md``).
 
 ATM heads: presence cross-entropy (absent classes weighted 0.1) plus, for every class present in
 the crop, 20 x sigmoid focal + 1 x dice on the stage's mask logits upsampled to label size.
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.segmentor import SegmentationOutput, StageOutput
+from ..models.outputs import SegmentationOutput, StageOutput
 
 
 def _pixel_valid(valid_tokens: Tensor, label: Tensor, ignore_index: int) -> Tensor:

@@ -1,7 +1,7 @@
 """Training: AdamW with a head lr multiplier, linear warm-up + poly decay, gradient accumulation,
 mixed precision on CUDA, DDP under torchrun, atomic checkpoints and exact resume.
 
-Schemes (DESIGN.md section 3): ``dense`` trains every stage head with p0 = 1; ``finetune``
+Schemes (``docs/method/training.md``): ``dense`` trains every stage head with p0 = 1; ``finetune``
 ("@Finetune") starts from a trained dense checkpoint and trains with pruning on; ``scratch``
 ("@Scratch") trains with pruning on from the start. Exit decisions are taken under no_grad.
 """
@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -20,9 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from ..checkpoint import check_and_load, load_checkpoint, save_atomic
+from ..checkpoint import check_and_load, load_checkpoint, read_file, save_atomic
 from ..config import ExperimentConfig, save_config
 from ..errors import CheckpointError
+from ..models import DToPSegmentor
 from .common import DistInfo, build_dataset, build_model, init_distributed, progress_enabled, resolve_device
 from .losses import segmentation_loss
 
@@ -30,15 +32,15 @@ LAST = "last.pt"
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
-    """Backbone at ``lr``, heads at ``lr * head_lr_mult``; no weight decay on norms, biases,
-    position embeddings, CLS tokens and class queries/embeddings."""
+    """Backbone at ``lr``, heads at ``lr * head_lr_mult``; no weight decay on norms, biases and the
+    parameters the model names in ``no_weight_decay()`` (position embeddings, prefix tokens, class
+    queries and embeddings)."""
+    skip = model.no_weight_decay()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = name.startswith("heads.")
-        no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token", ".query", ".cls_emb"))
-        groups.setdefault((is_head, no_decay), []).append(p)
+        groups.setdefault((name.startswith("heads."), p.ndim <= 1 or name in skip), []).append(p)
     return [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if nd else weight_decay}
             for (head, nd), ps in groups.items()]
 
@@ -59,8 +61,112 @@ def _batches(loader: DataLoader, sampler, epoch: int) -> Iterator[dict[str, Any]
         epoch += 1
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass
+class _Run:
+    """What one training run holds: the model and its DDP wrapper, optimiser, schedule and loss scaler."""
+
+    cfg: ExperimentConfig
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, model: nn.Module, device: torch.device, dist_info: DistInfo,
+              state: Optional[dict[str, Any]]) -> "_Run":
+        """AdamW, warm-up + poly schedule and scaler for ``model`` (restored from ``state`` when resuming)."""
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.weight_decay, tc.head_lr_mult), lr=tc.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: lr_factor(it, tc.iters, tc.warmup_iters, tc.poly_power))
+        use_amp = tc.amp and device.type == "cuda"
+        amp_dtype = getattr(torch, tc.amp_dtype)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+        ddp_model = model
+        if dist_info.world_size > 1:
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        return cls(cfg, model, ddp_model, optimizer, scheduler, scaler, device, use_amp, amp_dtype)
+
+    def step(self, batches: Iterator[dict[str, Any]], it: int) -> tuple[float, dict[str, float]]:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the loss and its parts.
+        FloatingPointError when the loss is not finite."""
+        tc = self.cfg.train
+        parts: dict[str, float] = {}
+        total = 0.0
+        ddp = isinstance(self.ddp_model, nn.parallel.DistributedDataParallel)
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            sync = micro == tc.grad_accum - 1 or not ddp
+            with self.ddp_model.no_sync() if not sync else contextlib.nullcontext():
+                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    out = self.ddp_model(images)
+                loss, parts = segmentation_loss(out, labels)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"loss is {float(loss.detach())} at iteration {it}: {parts}")
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            total += float(loss.detach()) / tc.grad_accum
+        if tc.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total, parts
+
+    def save(self, path: Path, done: int) -> None:
+        """The atomic checkpoint after ``done`` iterations: weights, configs, optimiser, schedule, RNG."""
+        save_atomic({"model": self.model.state_dict(), "model_config": self.model.cfg.to_dict(),
+                     "config": self.cfg.to_dict(), "iter": done, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "rng": torch.get_rng_state()}, path)
+
+
+def _loader(dataset, cfg: ExperimentConfig, dist_info: DistInfo, device: torch.device, start_iter: int):
+    """Endless training batches: a random (or distributed) sampler, ``batch_size`` per process."""
+    tc = cfg.train
+    sampler = DistributedSampler(dataset, seed=tc.seed) if dist_info.world_size > 1 else RandomSampler(dataset)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        drop_last=len(dataset) >= tc.batch_size * dist_info.world_size,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    return _batches(loader, sampler, epoch=start_iter)
+
+
+def _start(model: nn.Module, cfg: ExperimentConfig, ckpt_path: Path, resume: bool,
+           dist_info: DistInfo) -> tuple[int, Optional[dict[str, Any]]]:
+    """Weights to start from: ``ckpt_path`` when resuming (returns its iteration and state), else
+    ``train.init_checkpoint`` if set. CheckpointError when resuming without a checkpoint."""
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        check_and_load(model, state["model"], source=str(ckpt_path))
+        return int(state["iter"]), state
+    if resume:
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to resume from")
+    if cfg.train.init_checkpoint:
+        _load_init(model, cfg.train.init_checkpoint, dist_info)
+    return 0, None
+
+
+def _log(log_file: Path, record: dict[str, Any], total: float, bar, dist_info: DistInfo, iters: int) -> None:
+    """Append ``record`` to the JSON-lines log; show the loss on the bar, or print it without a terminal."""
+    with open(log_file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{total:.3f}")
+    if not progress_enabled(dist_info):
+        print(f"iter {record['iter']}/{iters} loss {total:.4f} lr {record['lr']:.2e} "
+              f"{record['s_per_iter']:.2f} s/it", flush=True)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
@@ -74,89 +180,30 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
     model = build_model(cfg, dataset.num_classes)
-    model.set_p0(1.0 if tc.scheme == "dense" else tc.p0)
+    if isinstance(model, DToPSegmentor):  # the alternatives of dtop compare train without early exit
+        model.set_p0(1.0 if tc.scheme == "dense" else tc.p0)
     ckpt_path = out_dir / LAST
-    start_iter = 0
-    state: Optional[dict[str, Any]] = None
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        check_and_load(model, state["model"], source=str(ckpt_path))
-        start_iter = int(state["iter"])
-    elif resume:
-        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to resume from")
-    elif tc.init_checkpoint:
-        _load_init(model, tc.init_checkpoint, dist_info)
+    start_iter, state = _start(model, cfg, ckpt_path, resume, dist_info)
     model.to(device).train()
-
-    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.weight_decay, tc.head_lr_mult), lr=tc.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, tc.iters, tc.warmup_iters, tc.poly_power))
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = getattr(torch, tc.amp_dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-
-    ddp_model: nn.Module = model
-    if dist_info.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    sampler = DistributedSampler(dataset, seed=tc.seed) if dist_info.world_size > 1 else RandomSampler(dataset)
-    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        drop_last=len(dataset) >= tc.batch_size * dist_info.world_size,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    batches = _batches(loader, sampler, epoch=start_iter)
+    run = _Run.build(cfg, model, device, dist_info, state)
+    batches = _loader(dataset, cfg, dist_info, device, start_iter)
 
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    log_file = out_dir / "train_log.jsonl"
     bar = tqdm(total=tc.iters, initial=start_iter, desc=f"train {tc.scheme}", disable=not progress_enabled(dist_info))
     t0 = time.time()
     for it in range(start_iter, tc.iters):
-        parts: dict[str, float] = {}
-        total = 0.0
-        for micro in range(tc.grad_accum):
-            batch = next(batches)
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            sync = micro == tc.grad_accum - 1 or not isinstance(ddp_model, nn.parallel.DistributedDataParallel)
-            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = ddp_model(images)
-                loss, parts = segmentation_loss(out, labels)
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"loss is {float(loss.detach())} at iteration {it}: {parts}")
-                scaler.scale(loss / tc.grad_accum).backward()
-            total += float(loss.detach()) / tc.grad_accum
-        if tc.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        total, parts = run.step(batches, it)
         done = it + 1
         bar.update(1)
         if dist_info.is_main and (done % tc.log_interval == 0 or done == tc.iters):
-            record = {"iter": done, "loss": round(total, 5), "lr": optimizer.param_groups[0]["lr"],
+            record = {"iter": done, "loss": round(total, 5), "lr": run.optimizer.param_groups[0]["lr"],
                       "s_per_iter": round((time.time() - t0) / (done - start_iter), 4), **parts}
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{total:.3f}")
-            if not progress_enabled(dist_info):
-                print(f"iter {done}/{tc.iters} loss {total:.4f} lr {record['lr']:.2e} "
-                      f"{record['s_per_iter']:.2f} s/it", flush=True)
+            _log(out_dir / "train_log.jsonl", record, total, bar, dist_info, tc.iters)
         if done % tc.ckpt_interval == 0 or done == tc.iters:
             if dist_info.is_main:
-                save_atomic({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                             "config": cfg.to_dict(), "iter": done, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "rng": torch.get_rng_state()}, ckpt_path)
+                run.save(ckpt_path, done)
             if dist_info.world_size > 1:
                 dist.barrier()
     bar.close()
@@ -168,9 +215,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
 def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
     """Initial weights: a dtop checkpoint (trained dense model for @Finetune) or a published
     Segmenter/SegViT checkpoint (converted by :mod:`dtop.convert`)."""
-    from ..checkpoint import _read
-
-    raw = _read(path)
+    raw = read_file(path)
     if isinstance(raw, dict) and "model_config" in raw and "model" in raw:
         # a dense checkpoint may lack the weights of a token-reduction alternative (the conv's)
         fresh = check_and_load(model, raw["model"], source=path, may_miss=("reducer.",))

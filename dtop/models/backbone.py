@@ -72,6 +72,10 @@ class ViTBackbone(nn.Module):
         """Number of prefix tokens (CLS, registers) that run through the blocks."""
         return self.num_prefix if self.cls_mode == "segmenter" else 0
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's names of the parameters to leave without weight decay (position embedding, prefix tokens)."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
     def load_pretrained(self, path: Union[str, Path]) -> None:
         """Load timm ViT weights from a local file; classifier weights are ignored, position
         embeddings resampled to this model's grid; any other mismatch is a CheckpointError."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
-from ..errors import ConfigError
+import yaml
+
+from ..errors import ConfigError, unknown_name
+from .heads import HEADS
 
 
 @dataclass
@@ -42,9 +45,12 @@ class ReductionSpec:
     window: int = 5
     topk: int = 20
 
+    def __post_init__(self) -> None:
+        if self.kind not in REDUCTIONS:  # the one place the kind is checked
+            raise unknown_name("reduction", self.kind, REDUCTIONS)
+
     def validate(self, depth: int) -> None:
-        if self.kind not in REDUCTIONS:
-            raise ConfigError(f"unknown reduction {self.kind!r}; choose from {', '.join(REDUCTIONS)}")
+        """ConfigError for settings that do not fit a backbone of ``depth`` blocks or are out of range."""
         b = self.resolved_block(depth)
         if not 0 <= b < depth:
             raise ConfigError(f"reduction {self.kind} at block {b}, but the backbone has blocks 0..{depth - 1}")
@@ -67,7 +73,9 @@ def default_block(kind: str, depth: int) -> int:
 
 @dataclass
 class SegmentorConfig:
-    """Everything needed to build a :class:`~dtop.models.segmentor.DToPSegmentor`.
+    """Everything needed to build a segmentor (:func:`dtop.models.build_model`): a
+    :class:`~dtop.models.segmentor.DToPSegmentor`, or with ``reduction`` a
+    :class:`~dtop.models.reduction.ReducedSegmentor`.
 
     p0: exit threshold, one float for all non-final stages or a list with one per non-final
     stage; ``p0 >= 1`` disables pruning. topk: context tokens kept per predicted class.
@@ -101,8 +109,7 @@ class SegmentorConfig:
         return p0
 
     def validate(self) -> None:
-        from .heads import HEADS
-
+        """ConfigError naming the first inconsistent setting."""
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
         if not self.stages:
@@ -112,12 +119,10 @@ class SegmentorConfig:
             raise ConfigError(f"stage blocks must be strictly increasing, got {blocks}")
         for s in self.stages:
             if s.head not in HEADS:
-                raise ConfigError(f"unknown head type {s.head!r}; choose from {sorted(HEADS)}")
+                raise unknown_name("head type", s.head, sorted(HEADS))
         if self.topk < 0:
             raise ConfigError(f"topk must be >= 0, got {self.topk}")
         self.p0_per_stage()
-        if self.reduction is not None and self.reduction.kind not in REDUCTIONS:
-            raise ConfigError(f"unknown reduction {self.reduction.kind!r}; choose from {', '.join(REDUCTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,3 +148,18 @@ def reduction_from_dict(d: dict[str, Any]) -> ReductionSpec:
         raise ConfigError(f"reduction: unknown keys {', '.join(unknown) or '(none)'}; it needs kind "
                           f"({', '.join(REDUCTIONS)}) and takes {', '.join(sorted(known))}")
     return ReductionSpec(**d)
+
+
+def parse_reduction(text: Optional[str]) -> Optional[ReductionSpec]:
+    """``KIND[,key=value...]`` (values read as YAML) -> a ReductionSpec, e.g. ``expedite,block=5,cluster_scale=0.75``;
+    None for an empty text. ConfigError for a malformed text or unknown keys."""
+    if not text:
+        return None
+    kind, *pairs = text.split(",")
+    d: dict[str, Any] = {"kind": kind.strip()}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--reduction: expected key=value after the kind, got {pair!r}")
+        key, value = pair.split("=", 1)
+        d[key.strip()] = yaml.safe_load(value)
+    return reduction_from_dict(d)

@@ -1,7 +1,7 @@
 """Segmentation heads that run on any subset of tokens.
 
 Every head maps tokens ``x`` (B, n, C) to a :class:`HeadOutput` with per-class
-scores for each token it saw. Heads are registered by name in :data:`HEADS`:
+scores for each token it saw (``docs/method/canvas.md``). Heads are registered by name in :data:`HEADS`:
 
 - ``atm``: SegViT's Attention-to-Mask head (mask logits = cross-attention logits).
 - ``mask``: Segmenter's mask transformer.
@@ -111,6 +111,10 @@ class ATMHead(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimiser leaves without weight decay (besides norms and biases): the class queries."""
+        return {"query"}
+
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
         """x (B, n, C); valid (B, n) bool marks real tokens when the batch is padded."""
         x = self.proj_norm(self.input_proj(x))
@@ -140,6 +144,10 @@ class MaskTransformerHead(nn.Module):
         self.proj_classes = nn.Parameter(self.scale * torch.randn(dim, dim))
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.cls_emb, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimiser leaves without weight decay (besides norms and biases): the class embeddings."""
+        return {"cls_emb"}
 
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
         """x (B, n, C); valid (B, n) bool marks real tokens when the batch is padded."""

@@ -1,4 +1,4 @@
-"""Token-reduction alternatives to DToP, from the paper's supplement (DESIGN.md section 6).
+"""Token-reduction alternatives to DToP, from the paper's supplement (``docs/method/alternatives.md``).
 
 Each alternative shrinks the token grid once, at a fixed block, for every image alike; the heads then
 decode the reduced tokens and their outputs are brought back to the full token grid:
@@ -6,31 +6,36 @@ decode the reduced tokens and their outputs are brought back to the full token g
 - symmetric downsampling (``conv``, ``avgpool``, ``nearest``): (h, w) -> (ceil(h/2), ceil(w/2)) after
   a block; head outputs are upsampled bilinearly (:func:`upsample_tokens`);
 - SegViT shrunk (``shrunk``): one block runs with the stride-2 subsampled tokens as queries over all
-  tokens as keys/values (:func:`query_downsample_block`); outputs upsampled as above;
+  tokens as keys/values (:func:`dtop.models.blocks.query_downsample_block`); outputs upsampled as above;
 - Expedite-ViT (``expedite``, training-free): tokens are clustered into centroids
   (:func:`cluster_tokens`); head outputs are reconstructed at every token from its nearest centroids
   (:func:`reconstruction_weights`).
 
 The token bookkeeping is pure functions on (B, n, C) patch tokens (prefix tokens are split off by the
-caller), so each is unit-tested on its own. FLOPs: :mod:`dtop.flops` (``reduction_flops``).
+caller), so each is unit-tested on its own. :class:`ReducedSegmentor` is the segmentor that runs one of
+them instead of early exit (``dtop.create_model(..., reduction={"kind": ...})`` builds it). FLOPs:
+:mod:`dtop.flops` (``reduction_flops``).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ReductionSpec
+from ..errors import ConfigError
+from .blocks import half_grid, query_downsample_block, subsample
+from .config import ReductionSpec, SegmentorConfig
+from .outputs import SegmentationOutput, StageOutput
+from .segmentor import Segmentor
+
+__all__ = ["ReducedSegmentor", "TokenReducer", "SymmetricDownsample", "cluster_tokens", "reconstruction_weights",
+           "reconstruct", "window_mask", "upsample_tokens", "subsample", "query_downsample_block", "half_grid",
+           "cluster_grid"]
 
 Grid = tuple[int, int]
 Expand = Callable[[Tensor], Tensor]  # head output (B, K, m) on the reduced tokens -> (B, K, N)
-
-
-def half_grid(grid: Grid) -> Grid:
-    return (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
 
 
 def cluster_grid(grid: Grid, scale: float) -> Grid:
@@ -46,11 +51,6 @@ def _to_map(t: Tensor, grid: Grid) -> Tensor:
 def _to_tokens(m: Tensor) -> Tensor:
     """(B, C, h, w) -> (B, h*w, C)."""
     return m.flatten(2).transpose(1, 2)
-
-
-def subsample(t: Tensor, grid: Grid) -> Tensor:
-    """2x2 nearest sampling: the top-left token of every 2x2 cell. (B, h*w, C) -> (B, h2*w2, C)."""
-    return _to_tokens(_to_map(t, grid)[:, :, ::2, ::2])
 
 
 def upsample_tokens(values: Tensor, small: Grid, grid: Grid) -> Tensor:
@@ -89,33 +89,6 @@ class SymmetricDownsample(nn.Module):
         else:
             m = self.conv(F.pad(m, (0, grid[1] % 2, 0, grid[0] % 2), mode="replicate"))
         return _to_tokens(m), small
-
-
-def query_downsample_block(blk: nn.Module, x: Tensor, prefix: int, grid: Grid) -> tuple[Tensor, Grid]:
-    """A timm ``Block`` whose queries are the prefix tokens and the 2x2-subsampled patch tokens, attending
-    to all tokens (SegViT shrunk's query-based downsampling). x (B, P + h*w, C) -> (B, P + h2*w2, C)."""
-    attn = blk.attn
-    B, T, C = x.shape
-    h = blk.norm1(x)
-
-    def queries(t: Tensor) -> Tensor:
-        return torch.cat([t[:, :prefix], subsample(t[:, prefix:], grid)], dim=1)
-
-    xq, hq = queries(x), queries(h)
-    M = xq.shape[1]
-    d = attn.qkv.out_features // 3
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(hq, w[:d], None if b is None else b[:d]).reshape(B, M, attn.num_heads, -1).transpose(1, 2)
-    kv = F.linear(h, w[d:], None if b is None else b[d:]).reshape(B, T, 2, attn.num_heads, -1)
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if blk.training else 0.0)
-    else:
-        o = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, M, d))))
-    x = xq + blk.drop_path1(blk.ls1(o))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), half_grid(grid)
 
 
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
@@ -196,3 +169,61 @@ class TokenReducer(nn.Module):
             return torch.cat([pre, c.to(x.dtype)], dim=1), lambda v: reconstruct(v, weights.to(v.dtype))
         t, small = self.down(t, grid)
         return torch.cat([pre, t], dim=1), lambda v: upsample_tokens(v, small, grid)
+
+
+class ReducedSegmentor(Segmentor):
+    """A segmentor that runs a token-reduction alternative instead of early exit (the supplement's
+    comparisons): every image's tokens are reduced at the reducer's block; each stage head decodes the
+    tokens of its block and its output is brought back to the token grid (upsampled, or reconstructed
+    for Expedite). In eval only the final head runs. State-dict keys: ``backbone.*``, ``heads.*``,
+    ``reducer.*`` (the stride-2 convolution's weights)."""
+
+    def __init__(self, cfg: SegmentorConfig) -> None:
+        if cfg.reduction is None:
+            raise ConfigError("ReducedSegmentor needs a config with a reduction (kind: conv, avgpool, nearest, "
+                              "shrunk or expedite)")
+        super().__init__(cfg)
+        self.reducer = TokenReducer(cfg.reduction, self.backbone.embed_dim, self.backbone.depth)
+        if self.reducer.block > cfg.stages[-1].block:
+            raise ConfigError(f"reduction {cfg.reduction.kind} at block {self.reducer.block} comes after the "
+                              f"final head (block {cfg.stages[-1].block})")
+
+    def forward(self, images: Tensor) -> SegmentationOutput:
+        """images (B, 3, H, W), H and W multiples of the patch size -> SegmentationOutput (no token exits
+        early: ``exit_stage`` is the final stage everywhere)."""
+        x, grid = self.backbone.embed(images)
+        B, P, S = x.shape[0], self.backbone.prefix_in_blocks, self.num_stages
+        expand: Optional[Expand] = None
+        tokens_per_block, head_tokens = [0] * self.backbone.depth, [0] * S
+        stage_of = {b: s for s, b in enumerate(self.stage_blocks)}
+        stages: list[StageOutput] = []
+        for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
+            n = x.shape[1]
+            if i == self.reducer.block:
+                x, expand = self.reducer.run_block(blk, x, P, grid)
+                if self.reducer.kind == "shrunk":
+                    n = x.shape[1]  # query downsampling: the block's queries (its keys: all n tokens)
+            else:
+                x = blk(x)
+            tokens_per_block[i] = n
+            stage = stage_of.get(i)
+            if stage is not None and (stage == S - 1 or self.training):
+                head_tokens[stage] = x.shape[1] - P
+                stages.append(self._decode_stage(stage, x[:, P:], expand, grid))
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return SegmentationOutput(
+            scores=self.finalise(stages[-1].canvas.flatten(2), stages[-1].presence, grid, size),
+            canvas=stages[-1].canvas, exit_stage=torch.full((B, *grid), S - 1, dtype=torch.long, device=x.device),
+            tokens_per_block=torch.tensor([tokens_per_block] * B), head_tokens=torch.tensor([head_tokens] * B),
+            image_size=size, stages=stages)
+
+    def _decode_stage(self, stage: int, x: Tensor, expand: Optional[Expand], grid: Grid) -> StageOutput:
+        """Stage head ``stage`` on the (possibly reduced) patch tokens x (B, m, C), brought back to ``grid``."""
+        out = self.decode(stage, x)
+        canvas, logits = self.to_space(out), out.logits
+        if expand is not None:
+            canvas = expand(canvas)
+            logits = expand(logits) if self.space == "prob" else canvas
+        B = x.shape[0]
+        return StageOutput(canvas.reshape(B, -1, *grid), out.presence, logits.reshape(B, -1, *grid),
+                           torch.ones(B, *grid, dtype=torch.bool, device=x.device))

@@ -1,14 +1,13 @@
 """Named model presets, in the manner of timm's model registry.
 
-Each preset is a function returning a :class:`SegmentorConfig`; :func:`create_model`
+Each preset is a function returning a :class:`SegmentorConfig`; :func:`dtop.models.factory.create_model`
 builds the model from it with the caller's overrides.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
 from .config import SegmentorConfig, StageSpec
 
 _PRESETS: dict[str, Callable[..., SegmentorConfig]] = {}
@@ -26,7 +25,7 @@ def list_models() -> list[str]:
 def _atm(block: int, dim: int) -> StageSpec:
     """An ATM stage head with ONE decoder layer. SegViT's ATM decoder has three layers, one per
     backbone stage; in the DToP layout each stage gets its own head, so each holds one layer.
-    This is the layout whose count reproduces the paper's GFLOPs (DESIGN.md section 4); three
+    This is the layout whose count reproduces the paper's GFLOPs (``docs/method/flops.md``); three
     layers per head (``head_kwargs={"num_layers": 3}``) cost about 4.5 GFLOPs more on ViT-B/512."""
     return StageSpec(block, "atm", {"dim": dim, "num_layers": 1})
 
@@ -83,9 +82,7 @@ def segvit_vit_l16() -> SegmentorConfig:
 def get_config(name: str, aux_head: Optional[str] = None, **overrides: Any) -> SegmentorConfig:
     """The preset's config with ``overrides`` (any :class:`SegmentorConfig` field) applied."""
     if name not in _PRESETS:
-        close = difflib.get_close_matches(name, _PRESETS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown model preset {name!r}{hint} Known presets: {', '.join(list_models())}")
+        raise unknown_name("model preset", name, list_models())
     if aux_head is not None and not name.startswith("segmenter"):
         raise ConfigError(f"aux_head applies to segmenter_* presets only, not {name!r}")
     cfg = _PRESETS[name](aux_head=aux_head) if aux_head is not None else _PRESETS[name]()
@@ -93,16 +90,3 @@ def get_config(name: str, aux_head: Optional[str] = None, **overrides: Any) -> S
     d.update({k: v for k, v in overrides.items() if v is not None})
     d["name"] = name
     return SegmentorConfig.from_dict(d)
-
-
-def create_model(name: str, num_classes: int = 150, p0: Union[float, list[float], None] = None,
-                 pretrained: Union[bool, str] = False, aux_head: Optional[str] = None, **overrides: Any):
-    """Build a preset: ``dtop.create_model("segvit_vit_b16", num_classes=150, p0=0.9)``.
-
-    pretrained: True for timm hub weights (online), or a local ``.pth``/``.safetensors`` path.
-    overrides: any :class:`SegmentorConfig` field (``stages``, ``topk``, ``backbone_kwargs``, ...).
-    """
-    from .segmentor import DToPSegmentor
-
-    cfg = get_config(name, aux_head=aux_head, num_classes=num_classes, p0=p0, pretrained=pretrained, **overrides)
-    return DToPSegmentor(cfg)

@@ -1,4 +1,4 @@
-"""Token pruning bookkeeping (pure functions)."""
-from .tokens import confidence, gather_tokens, scatter_tokens, select_exits
+"""Token pruning bookkeeping: pure functions on tensors, no modules (the model side is :mod:`dtop.models`)."""
+from .tokens import compact, confidence, gather_tokens, pad_positions, select_exits
 
-__all__ = ["confidence", "select_exits", "gather_tokens", "scatter_tokens"]
+__all__ = ["confidence", "select_exits", "gather_tokens", "compact", "pad_positions"]

@@ -1,14 +1,19 @@
 """Token bookkeeping for DToP as pure functions.
 
-Scores in, exit decisions and keep indices out, plus gather/scatter helpers.
-Nothing here knows about modules; every function is unit-tested on its own.
+Scores in, exit decisions and keep indices out, plus the index helpers the token layouts
+(:mod:`dtop.models.layouts`) are built from. Nothing here knows about modules; every function is
+unit-tested on its own (``tests/test_tokens.py``).
 
-Shapes: ``B`` images, ``K`` classes, ``N`` tokens (patch tokens of the grid, in
-raster order), ``n`` tokens still in play for one image.
+Shapes: ``B`` images, ``K`` classes, ``N`` tokens (patch tokens of the grid, in raster order),
+``L`` tokens still in play (padded to the longest image), ``n`` tokens still in play for one image.
+The rules are written out in ``docs/method/exit-rule.md`` and ``docs/method/context-rule.md``.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -21,9 +26,9 @@ def confidence(probs: Tensor) -> tuple[Tensor, Tensor]:
     return conf, label
 
 
-def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tensor | None = None,
-                 num_classes: int | None = None) -> Tensor:
-    """Which tokens exit at this stage (DESIGN.md section 1).
+def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Optional[Tensor] = None,
+                 num_classes: Optional[int] = None) -> Tensor:
+    """Which tokens exit at this stage (``docs/method/exit-rule.md``, ``docs/method/context-rule.md``).
 
     A token is *easy* when ``conf > p0`` (strict). For every class among the easy
     tokens' labels, the ``k`` most confident easy tokens of that class stay in play
@@ -32,6 +37,7 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Tens
     conf, label: (B, N); valid: (B, N) bool, tokens that may exit (default all); num_classes: an
     upper bound of the labels (saves a device-to-host sync on GPUs).
     Returns exit mask (B, N) bool. Ties in confidence go to the lower token index.
+    Raises ValueError when conf and label are not both (B, N).
     """
     if conf.shape != label.shape or conf.dim() != 2:
         raise ValueError(f"conf and label must both be (B, N), got {tuple(conf.shape)} and {tuple(label.shape)}")
@@ -69,8 +75,20 @@ def gather_tokens(x: Tensor, idx: Tensor, offset: int = 0) -> Tensor:
     return torch.cat([x[:, :offset], rows], dim=1) if offset else rows
 
 
-def scatter_tokens(canvas: Tensor, idx: Tensor, values: Tensor) -> Tensor:
-    """Out-of-place write of ``values`` (B, K, n) into ``canvas`` (B, K, N) at token positions ``idx`` (B, n)."""
-    if idx.dim() == 1:
-        idx = idx.expand(canvas.shape[0], -1)
-    return canvas.scatter(2, idx.unsqueeze(1).expand(-1, canvas.shape[1], -1), values.to(canvas.dtype))
+def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each row's kept entries to the front, in their original order.
+
+    keep: (B, L) bool -> order (B, L') long, the source column of each compacted entry, and
+    valid (B, L') bool, which of them are kept; ``L'`` is the longest row's kept count (one host sync)."""
+    lengths = keep.sum(1)
+    width = int(lengths.max()) if len(lengths) else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    return order, torch.arange(width, device=keep.device) < lengths[:, None]
+
+
+def pad_positions(positions: Sequence[Tensor], N: int) -> tuple[Tensor, Tensor]:
+    """Per-image token positions (n_b,) -> (B, L) positions padded with ``N`` (the canvas's padding
+    column) and the (B, L) mask of real entries; ``L = max n_b``."""
+    L = max(len(p) for p in positions)
+    pos = torch.stack([F.pad(p, (0, L - len(p)), value=N) for p in positions])
+    return pos, pos < N

@@ -42,10 +42,3 @@ def stage_colours(num_stages: int) -> list[tuple[int, int, int]]:
 def colorize_stages(exit_stage: np.ndarray, num_stages: int) -> np.ndarray:
     """(H, W) exit-stage indices -> (H, W, 3) uint8 in :func:`stage_colours`."""
     return colorize(exit_stage, stage_colours(num_stages), ignore_index=None)
-
-
-def denormalize(image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised (3, H, W) tensor back to (H, W, 3) uint8."""
-    a = image.detach().cpu().float().numpy().transpose(1, 2, 0)
-    a = a * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
-    return (a.clip(0, 1) * 255).round().astype(np.uint8)

@@ -19,11 +19,21 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
 from .colors import colorize, colorize_stages, overlay, stage_colours
 
 DPI = 100
 CELL = 2.4  # inches per image panel (width)
+
+
+def shrink_png(path: Path, max_width: int) -> None:
+    """Scale a PNG down to ``max_width`` pixels wide (aspect kept) with a 256-colour palette: gallery-sized."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > max_width:
+            im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+        im.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -2,12 +2,15 @@
 pruning ("@Finetune"), evaluate dense vs DToP at several p0, print and save the table."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig, load_config, save_config
+from ..config import ExperimentConfig, load_config, save_config
+from ..engine import run_evaluation, summary_table, train
+from .common import App
 
 P0S = (0.8, 0.9, 0.95)
 
@@ -43,8 +46,7 @@ def demo_config(out_dir: str, fast: bool = False) -> ExperimentConfig:
 
 
 def run_demo(out_dir: str = "runs/demo", fast: bool = False) -> list[dict[str, Any]]:
-    from .engine import run_evaluation, summary_table, train
-
+    """Train, fine-tune and evaluate as the module docstring says; returns the summary rows (``demo.json``)."""
     out = Path(out_dir)
     t0 = time.time()
     dense_cfg = demo_config(str(out / "dense"), fast)
@@ -71,3 +73,15 @@ def run_demo(out_dir: str = "runs/demo", fast: bool = False) -> list[dict[str, A
     print(f"\nfinished in {time.time() - t0:.0f} s. Outputs in {out}/: demo.json (this table), "
           f"eval/<variant>/metrics.json and per_image.csv, dense/ and dtop/ (checkpoints, configs, training logs)")
     return rows
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--fast", action="store_true", help="a seconds-long version (for tests)")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(args.out, fast=args.fast)
+
+
+APP = App("demo", "train a tiny model on synthetic scenes, fine-tune with DToP, evaluate", add_arguments, run)

@@ -1,4 +1,4 @@
-"""The supplement's comparisons (DESIGN.md sections 5 and 6) on a user's own model and data.
+"""``dtop compare``: the supplement's comparisons (``docs/method/alternatives.md``) on a user's own model and data.
 
 From one trained dense checkpoint: every method that needs training is fine-tuned with the same
 schedule (the config's ``train`` section, "@Finetune"), every method is evaluated on the same images,
@@ -13,15 +13,22 @@ Outputs in ``out_dir``: ``train/<method>/`` (checkpoints; a rerun resumes them),
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import ExperimentConfig, save_config
+from ..checkpoint import load_checkpoint
+from ..config import ExperimentConfig, load_config, save_config
+from ..engine.common import build_dataset, progress_enabled, resolve_device
+from ..engine.evaluate import evaluate, write_results
+from ..engine.train import LAST, train
 from ..errors import ConfigError
-from ..models.config import REDUCTIONS, ReductionSpec
+from ..models import load_model
+from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
+from .common import App, add_set
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
 TABLE2 = ("expedite",)
@@ -52,35 +59,13 @@ def finetune_config(cfg: ExperimentConfig, dense_checkpoint: str, method: str, o
 
 
 def _trained(path: Path, iters: int) -> bool:
-    from ..checkpoint import load_checkpoint
-
     return path.is_file() and int(load_checkpoint(path)["iter"]) >= iters
 
 
-def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, methods: Sequence[str] = METHODS,
-                p0s: Optional[Sequence[float]] = None, specs: Optional[dict[str, ReductionSpec]] = None,
-                verbose: bool = True) -> dict[str, Any]:
-    """Fine-tune, evaluate and tabulate; returns the ``compare.json`` content."""
-    from ..checkpoint import load_model
-    from .common import build_dataset, progress_enabled, resolve_device
-    from .evaluate import evaluate, write_results
-    from .train import LAST, train
-
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not Path(dense_checkpoint).is_file():
-        raise ConfigError(f"dense checkpoint not found: {dense_checkpoint}")
-    specs = dict(specs or {})
-    for m in methods:
-        if m in REDUCTIONS:
-            specs.setdefault(m, ReductionSpec(m))
-    p0s = list(p0s if p0s is not None else cfg.eval.p0)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-
-    # 1. fine-tune what needs it (a rerun resumes an unfinished run and skips a finished one)
+def finetune_all(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, methods: Sequence[str],
+                 specs: dict[str, ReductionSpec], verbose: bool = True) -> dict[str, str]:
+    """Fine-tune every method that needs it into ``out_dir/train/<method>`` (a rerun resumes an unfinished
+    run and skips a finished one); returns each method's checkpoint (the dense one for training-free ones)."""
     checkpoints: dict[str, str] = {}
     for m in methods:
         if m in TRAINING_FREE:
@@ -93,8 +78,14 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
                 print(f"== fine-tuning {m} for {c.train.iters} iterations -> {run_dir}", flush=True)
             train(c, resume=(run_dir / LAST).is_file())
         checkpoints[m] = str(run_dir / LAST)
+    return checkpoints
 
-    # 2. evaluate every method on the same images
+
+def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict[str, str], out_dir: Path,
+                 methods: Sequence[str], p0s: Sequence[float], specs: dict[str, ReductionSpec],
+                 verbose: bool = True) -> list[dict[str, Any]]:
+    """Evaluate the dense model and every method on the same validation images into ``out_dir/eval/<name>``;
+    returns the table rows, dense first."""
     device = resolve_device(cfg.train.device)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     rows: list[dict[str, Any]] = []
@@ -122,7 +113,29 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
                 run(f"dtop_p0_{p:g}", model, False, float(p), "dtop")
         else:
             run(m, load_model(checkpoints[m], device, reduction=specs[m]), False, None, m)
+    return rows
 
+
+def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, methods: Sequence[str] = METHODS,
+                p0s: Optional[Sequence[float]] = None, specs: Optional[dict[str, ReductionSpec]] = None,
+                verbose: bool = True) -> dict[str, Any]:
+    """Fine-tune, evaluate and tabulate; returns the ``compare.json`` content. ConfigError for an unknown
+    method or a missing dense checkpoint."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not Path(dense_checkpoint).is_file():
+        raise ConfigError(f"dense checkpoint not found: {dense_checkpoint}")
+    specs = dict(specs or {})
+    for m in methods:
+        if m in REDUCTIONS:
+            specs.setdefault(m, ReductionSpec(m))
+    p0s = list(p0s if p0s is not None else cfg.eval.p0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    checkpoints = finetune_all(cfg, dense_checkpoint, out_dir, methods, specs, verbose)
+    rows = evaluate_all(cfg, dense_checkpoint, checkpoints, out_dir, methods, p0s, specs, verbose)
     base = rows[0]
     for r in rows:
         r["gflops_reduction_pct"] = round(100 * (1 - r["gflops"] / base["gflops"]), 2)
@@ -146,3 +159,29 @@ def comparison_table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
         out.append(f"| {label} | {tuned} | {r['gflops']:.3f} | {r['gflops_reduction_pct']:.1f}% | {r['miou']:.2f} | "
                    f"{r['miou_delta']:+.2f} |")
     return "\n".join(out)
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", help="the experiment config; its train section is the fine-tuning schedule")
+    sp.add_argument("--checkpoint", required=True, help="the trained dense checkpoint every method starts from")
+    sp.add_argument("--out", required=True, help="output folder (train/, eval/, compare.json, table1.md, table2.md)")
+    sp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="dense_ft: the dense model fine-tuned with the same schedule (a control for the extra "
+                         "iterations); default: all")
+    sp.add_argument("--p0", type=float, nargs="+", default=None, help="DToP thresholds (default: eval.p0)")
+    sp.add_argument("--reduction", action="append", default=[], metavar="KIND[,key=value...]",
+                    help="settings of an alternative, e.g. expedite,cluster_scale=0.5 (repeatable)")
+    add_set(sp)
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
+    result = run_compare(cfg, args.checkpoint, Path(args.out), methods=args.methods, p0s=args.p0, specs=specs)
+    print("\nTable 1: symmetric downsampling and SegViT shrunk vs DToP\n" + comparison_table(result["rows"], TABLE1))
+    print("\nTable 2: Expedite-ViT vs DToP\n" + comparison_table(result["rows"], TABLE2))
+    print(f"\nwritten: {Path(args.out) / 'compare.json'}, table1.md, table2.md")
+
+
+APP = App("compare", "the supplement's tables: DToP vs symmetric downsampling, SegViT shrunk and Expedite-ViT, "
+                     "fine-tuned from one dense checkpoint", add_arguments, run)

@@ -9,10 +9,8 @@ Figure 1 reruns the dense and DToP checkpoints named in the metrics on the chose
 """
 from __future__ import annotations
 
-import base64
+import argparse
 import csv
-import datetime
-import html
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,10 +18,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from PIL import Image
 
-from ..engine.compare import LABELS
+from ..config import config_from_dict
+from ..data import denormalize, display_meta
+from ..engine.common import build_dataset, resolve_device
+from ..engine.evaluate import predict
 from ..errors import ConfigError
-from .figures import Sample, figure1, figure2, sweep_plot
+from ..models import load_model
+from ..viz import Sample, figure1, figure2, report_page, shrink_png, sweep_plot
+from .common import App
+from .compare import LABELS
+from .predict import stage_names
 
 
 @dataclass
@@ -97,14 +103,6 @@ def spread(values: list[float], n: int) -> list[int]:
 def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto") -> tuple[list[Sample], Any]:
     """Rerun the dense and DToP checkpoints on ``n`` validation images chosen across the range of
     per-image GFLOPs savings. Returns the samples and the model (for its stages)."""
-    from PIL import Image
-
-    from ..checkpoint import load_model
-    from ..config import config_from_dict
-    from ..engine.common import build_dataset, resolve_device
-    from ..engine.evaluate import predict
-    from .colors import denormalize
-
     dm, tm = dense.metrics, dtop.metrics
     for v, m in ((dense, dm), (dtop, tm)):
         if not m.get("checkpoint") or not Path(m["checkpoint"]).is_file():
@@ -139,53 +137,45 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
     return samples, dtop_model
 
 
-def shrink_png(path: Path, max_width: int) -> None:
-    """Scale a PNG down to ``max_width`` pixels wide (aspect kept) with a 256-colour palette: gallery-sized."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.width > max_width:
-            im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
-        im.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+def comparison_figures(dense: Variant, dtop: Variant, out_dir: Path, num_images: int,
+                       device: str) -> tuple[list[tuple[str, Path, str]], list[str]]:
+    """Figures 1 and 2 (dense against DToP) and the notes on what had to be left out."""
+    figures, notes = [], []
+    try:
+        samples, model = figure1_samples(dense, dtop, num_images, device)
+        palette, _ = display_meta(dtop.metrics["config"]["data"]["name"], model.num_classes)
+        figures.append(("Figure 1: where tokens exit, per image", figure1(
+            samples, palette, stage_names(model), out_dir / "figure1.png", dtop_label=f"DToP p0 {dtop.p0:g}"),
+            "Images across the range of per-image GFLOPs savings (least saved at the top). Columns: image, "
+            "ground truth, dense prediction, DToP prediction, and the stage at which each token left. "
+            "Accuracy is category-agnostic pixel accuracy."))
+    except ConfigError as e:
+        notes.append(f"Figure 1 left out: {e}")
+    dm, tm = dense.metrics, dtop.metrics
+    classes = list(dm["per_class_iou"])
+    figures.append(("Figure 2: per-category IoU", figure2(
+        classes, [dm["per_class_iou"][c] for c in classes], [tm["per_class_iou"][c] for c in classes],
+        out_dir / "figure2.png", labels=("dense", f"DToP p0 {dtop.p0:g}")),
+        "Classes absent from the validation data have no bars."))
+    return figures, notes
 
 
 def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[float] = None, num_images: int = 4,
                  device: str = "auto", max_width: Optional[int] = None) -> Path:
     """Write the figures and report.html; returns the path of report.html. ``max_width``: scale the
-    figures down to at most this many pixels wide (small files, e.g. for a README gallery)."""
-    from ..engine.infer import palette_for, stage_names
-
+    figures down to at most this many pixels wide (small files, e.g. for a README gallery).
+    ConfigError when ``run_dir`` holds no evaluation or no DToP variant at ``p0``."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     variants, compare = load_run(run_dir)
     dense = next((v for v in variants if v.method == "dense"), None)
     dtop = pick_dtop(variants, p0)
-    figures: list[tuple[str, Path, str]] = []
-    notes: list[str] = []
     if dense is not None and dtop is not None:
-        try:
-            samples, model = figure1_samples(dense, dtop, num_images, device)
-            data_name = dtop.metrics["config"]["data"]["name"]
-            palette, _ = palette_for(model, data_name)
-            figures.append(("Figure 1: where tokens exit, per image", figure1(
-                samples, palette, stage_names(model), out_dir / "figure1.png", dtop_label=f"DToP p0 {dtop.p0:g}"),
-                "Images across the range of per-image GFLOPs savings (least saved at the top). Columns: image, "
-                "ground truth, dense prediction, DToP prediction, and the stage at which each token left. "
-                "Accuracy is category-agnostic pixel accuracy."))
-        except ConfigError as e:
-            notes.append(f"Figure 1 left out: {e}")
-        dm, tm = dense.metrics, dtop.metrics
-        classes = list(dm["per_class_iou"])
-        figures.append(("Figure 2: per-category IoU", figure2(
-            classes, [dm["per_class_iou"][c] for c in classes], [tm["per_class_iou"][c] for c in classes],
-            out_dir / "figure2.png", labels=("dense", f"DToP p0 {dtop.p0:g}")),
-            "Classes absent from the validation data have no bars."))
-    elif dtop is None:
-        notes.append("Figures 1 and 2 need a DToP variant; this run has none.")
+        figures, notes = comparison_figures(dense, dtop, out_dir, num_images, device)
     else:
-        notes.append("Figures 1 and 2 need a dense variant; this run has none.")
+        figures, notes = [], [f"Figures 1 and 2 need a {'DToP' if dtop is None else 'dense'} variant; "
+                              f"this run has none."]
     points = [{"method": v.method, "label": v.label if v.method != "dtop" else "DToP", "gflops": v.gflops,
                "miou": v.miou, "p0": v.p0} for v in variants]
     figures.append(("mIoU against GFLOPs", sweep_plot(points, out_dir / "sweep.png"),
@@ -194,24 +184,13 @@ def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[flo
     if max_width is not None:
         for _, path, _ in figures:
             shrink_png(path, max_width)
-    page = _html(run_dir, variants, dense, dtop, figures, notes, compare)
+    page = report_page(run_dir, _results_table(variants, dense), figures, _class_table(dense, dtop), notes, compare)
     path = out_dir / "report.html"
     path.write_text(page)
     return path
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _html(run_dir: Path, variants: list[Variant], dense: Optional[Variant], dtop: Optional[Variant],
-          figures: list[tuple[str, Path, str]], notes: list[str], compare: bool) -> str:
+def _results_table(variants: list[Variant], dense: Optional[Variant]) -> tuple[list[str], list[list[str]]]:
     base = dense.gflops if dense is not None else None
     rows = []
     for v in variants:
@@ -219,43 +198,38 @@ def _html(run_dir: Path, variants: list[Variant], dense: Optional[Variant], dtop
         saved = "" if base is None else f"{100 * (1 - v.gflops / base):.1f}%"
         exits = " / ".join(f"{100 * f:.1f}%" for f in m.get("exit_fractions", [])) if v.method == "dtop" else ""
         rows.append([v.label, f"{v.miou:.2f}", f"{m.get('macc', float('nan')):.2f}", f"{v.gflops:.3f}", saved, exits])
-    parts = ["<h2>Results</h2>", _table(["variant", "mIoU", "mAcc", "GFLOPs / image", "GFLOPs saved",
-                                          "tokens leaving at each stage"], rows)]
-    if compare:
-        parts.append("<p>All methods start from the same dense checkpoint; the trained ones were fine-tuned with "
-                     "the same schedule, Expedite-ViT is training-free.</p>")
-    for title, path, caption in figures:
-        parts.append(f"<h2>{html.escape(title)}</h2><figure><img src=\"{_png(path)}\" alt=\"{html.escape(title)}\">"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if dense is not None and dtop is not None:
-        dm, tm = dense.metrics, dtop.metrics
-        cls_rows = [[c, _f(dm["per_class_iou"][c]), _f(tm["per_class_iou"][c]),
-                     _f(None if dm["per_class_iou"][c] is None or tm["per_class_iou"][c] is None
-                        else tm["per_class_iou"][c] - dm["per_class_iou"][c], signed=True)]
-                    for c in dm["per_class_iou"]]
-        parts += ["<h2>Per-class IoU</h2>", _table(["class", "dense", dtop.label, "difference"], cls_rows)]
-    parts += [f"<p class=\"note\">{html.escape(n)}</p>" for n in notes]
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dtop report: {html.escape(str(run_dir))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1280px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-thead {{ background: #f2f2f2; }}
-img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
-figcaption, .note {{ color: #555; font-size: 0.9em; }}
-</style></head>
-<body>
-<h1>DToP report</h1>
-<p>Run: <code>{html.escape(str(run_dir))}</code>; generated {stamp} by <code>dtop report</code>.</p>
-{"".join(parts)}
-</body></html>
-"""
+    return ["variant", "mIoU", "mAcc", "GFLOPs / image", "GFLOPs saved", "tokens leaving at each stage"], rows
+
+
+def _class_table(dense: Optional[Variant], dtop: Optional[Variant]) -> Optional[tuple[list[str], list[list[str]]]]:
+    if dense is None or dtop is None:
+        return None
+    d, t = dense.metrics["per_class_iou"], dtop.metrics["per_class_iou"]
+    rows = [[c, _f(d[c]), _f(t[c]), _f(None if d[c] is None or t[c] is None else t[c] - d[c], signed=True)]
+            for c in d]
+    return ["class", "dense", dtop.label, "difference"], rows
 
 
 def _f(v: Optional[float], signed: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:+.2f}" if signed else f"{v:.2f}"
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("run_dir")
+    sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    sp.add_argument("--p0", type=float, default=None, help="the DToP variant to picture (default: nearest 0.9)")
+    sp.add_argument("--images", type=int, default=4, help="rows of Figure 1")
+    sp.add_argument("--max-width", type=int, default=None, metavar="PX",
+                    help="scale the figures down to this width with a 256-colour palette (small files)")
+    sp.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> None:
+    path = build_report(Path(args.run_dir), Path(args.out) if args.out else None, p0=args.p0,
+                        num_images=args.images, device=args.device, max_width=args.max_width)
+    print(f"report: {path}")
+
+
+APP = App("report", "figures and report.html from a dtop eval or dtop compare output folder", add_arguments, run)

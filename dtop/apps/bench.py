@@ -1,0 +1,350 @@
+"""``dtop bench``: wall-clock speed of DToP against the dense model, measured side by side in one process.
+
+Batch-1 latency and mixed-batch throughput (each batch holds different images, so each image keeps a
+different number of tokens), peak memory and GFLOPs, for the dense model and for DToP in each
+token layout (:mod:`dtop.models.layouts`). After a warm-up, dense and DToP calls on the same input run back to back, and the
+sums of per-input medians are compared, so machine noise and drift hit both sides alike. Without a
+checkpoint, per-image exit fractions are forced at the first exit stage so that the speed path is
+measured alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..data import IMAGE_SUFFIXES, EvalTransform, read_image
+from ..data.transforms import resize_image
+from ..engine.common import resolve_device
+from ..errors import ConfigError, InputError
+from ..flops import dense_flops, forward_gflops
+from ..models import DToPSegmentor, create_model, load_model
+from ..models.blocks import varlen_kernel_available
+from ..models.layouts import LAYOUTS, default_layout
+from ..models.packed import use_linear_kernel
+from .common import App, add_allocator, add_linear, set_allocator
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage allocated inside the context (CPU stand-in for
+    ``torch.cuda.max_memory_allocated`` after a reset; counts the storages ops create, not tensors
+    that existed before, such as weights and inputs, nor kernels' private scratch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+        def release(k: int = key, n: int = size) -> None:
+            self.current -= n
+            self._seen.discard(k)
+
+        weakref.finalize(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # an output on an input's storage (a view such as a weight's transpose, an in-place result)
+        # allocates nothing: only storages the op created are counted
+        # (oneDNN-packed weights, dtop.models.packed, are opaque: they have no storage and are not outputs)
+        held = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, Tensor) and not t.is_mkldnn}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and not t.is_mkldnn and t.untyped_storage().data_ptr() not in held:
+                self._track(t)
+        return out
+
+
+def forced_exits(fractions: Sequence[float], seed: int = 0) -> Callable[[int, Tensor, Tensor], Tensor]:
+    """An exit override: at the first exit stage image b loses ``fractions[b]`` of its tokens
+    (a fixed random choice, made on the device without host syncs); nothing exits later."""
+
+    def choose(stage: int, conf: Tensor, valid: Tensor) -> Tensor:
+        if stage > 0:
+            return torch.zeros_like(valid)
+        B = valid.shape[0]
+        g = torch.Generator(device=valid.device).manual_seed(seed)
+        scores = torch.rand(valid.shape, generator=g, device=valid.device).masked_fill(~valid, 2.0)
+        rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each token among its image's tokens
+        frac = torch.tensor([fractions[b % len(fractions)] for b in range(B)], device=valid.device)
+        return valid & (rank < (frac * valid.sum(1)).round()[:, None])
+
+    return choose
+
+
+@dataclass
+class Timing:
+    """Seconds per call: ``dense[i][r]`` is repeat ``r`` of item ``i`` (one image alone, or a whole batch)."""
+
+    dense: list[list[float]]
+    dtop: list[list[float]]
+
+    def total(self, which: str) -> float:
+        """Sum over the items of their median time."""
+        return sum(statistics.median(t) for t in getattr(self, which))
+
+    def ratio(self) -> float:
+        return self.total("dtop") / self.total("dense")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(dense_fns: Sequence[Callable[[], Any]], dtop_fns: Sequence[Callable[[], Any]], device: torch.device,
+              warmup: int, repeats: int) -> Timing:
+    """Warm up, then ``repeats`` times time item ``i`` dense and DToP back to back, for every item: a drift
+    in the machine's speed (other tenants, clocks) hits both sides of each pair alike. The order within a
+    pair alternates between repeats (dense first, then DToP first), so that neither side always runs
+    second, on caches the other warmed."""
+    for _ in range(warmup):
+        for d, p in zip(dense_fns, dtop_fns):
+            d()
+            p()
+    t = Timing([[] for _ in dense_fns], [[] for _ in dtop_fns])
+    for r in range(repeats):
+        for i, (d, p) in enumerate(zip(dense_fns, dtop_fns)):
+            if r % 2:
+                t.dtop[i].append(_time(p, device))
+            t.dense[i].append(_time(d, device))
+            if not r % 2:
+                t.dtop[i].append(_time(p, device))
+    return t
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    with PeakTensorMemory() as mode:
+        fn()
+    return mode.peak / 2 ** 20
+
+
+def load_images(folder: str, size: tuple[int, int], limit: int, mean=(0.5,) * 3, std=(0.5,) * 3) -> Tensor:
+    """Up to ``limit`` images of a folder (:func:`dtop.data.read_image`), resized to ``size`` and normalised
+    -> (n, 3, H, W). InputError when the folder holds no image or one cannot be read."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {folder}")
+    normalise = EvalTransform(mean=mean, std=std)
+    return torch.stack([normalise(resize_image(read_image(p), size))[0] for p in files[:limit]])
+
+
+@dataclass
+class _Calls:
+    """The timed calls: dense and DToP on the mixed batch and on each of its images alone."""
+
+    dense_batch: Callable[[], Any]
+    dtop_batch: Callable[[], Any]
+    dense_singles: list[Callable[[], Any]]
+    dtop_singles: list[Callable[[], Any]]
+
+    @classmethod
+    def make(cls, model, images: Tensor, batch: int, amp, exit_fractions: Optional[Sequence[float]]) -> "_Calls":
+        singles = [images[i:i + 1] for i in range(min(len(images), batch))]
+        # each image keeps its own exit pattern whether it runs alone or in the mixed batch
+        forced = exit_fractions is not None
+        batch_exits = forced_exits(exit_fractions) if forced else None
+        single_exits = [forced_exits([exit_fractions[i % len(exit_fractions)]]) if forced else None
+                        for i in range(len(singles))]
+
+        def dense_call(x: Tensor) -> Callable[[], Any]:
+            def run():
+                with torch.no_grad(), amp:
+                    model.forward_dense(x)
+            return run
+
+        def dtop_call(x: Tensor, force) -> Callable[[], Any]:
+            def run():
+                model.force_exit = force
+                with torch.no_grad(), amp:
+                    return model(x)
+            return run
+
+        return cls(dense_call(images[:batch]), dtop_call(images[:batch], batch_exits),
+                   [dense_call(im) for im in singles], [dtop_call(im, f) for im, f in zip(singles, single_exits)])
+
+
+def _flop_fields(model, calls: _Calls, size: tuple[int, int]) -> tuple[dict[str, Any], list, list[float]]:
+    """GFLOPs, FLOP ratios and exit fractions of the mixed batch and of each image alone."""
+    out = calls.dtop_batch()
+    gflops = forward_gflops(model, out)
+    base = dense_flops(model, size, final_head_only=True) / 1e9
+    alone = [run() for run in calls.dtop_singles]
+    ratios_b1 = [float(forward_gflops(model, o)) / base for o in alone]
+    fields = {"gflops_dense": round(base, 3), "gflops_dtop": round(float(gflops.mean()), 3),
+              "flop_ratio": round(float(gflops.mean()) / base, 4),
+              "flop_ratio_batch1": round(statistics.mean(ratios_b1), 4),
+              "exit_fractions": [round(float(f), 3) for f in out.exit_fractions()[:, :-1].sum(1)]}
+    return fields, alone, ratios_b1
+
+
+def _measure_layout(calls: _Calls, device: torch.device, warmup: int, repeats: int, batch: int,
+                    flop_ratio: float, flop_ratio_b1: float, alone: list, ratios_b1: list[float]) -> dict[str, Any]:
+    """Batch-1 and mixed-batch timings of the model's current layout against dense."""
+    n = len(calls.dense_singles)
+    b1 = alternate(calls.dense_singles, calls.dtop_singles, device, warmup, repeats)
+    mx = alternate([calls.dense_batch], [calls.dtop_batch], device, warmup, repeats)
+    return {
+        "time_ratio_batch1": round(b1.ratio(), 4), "time_ratio_mixed": round(mx.ratio(), 4),
+        "realised_batch1": round(realised(b1.ratio(), flop_ratio_b1), 3),
+        "realised_mixed": round(realised(mx.ratio(), flop_ratio), 3),
+        "dense_ms_per_image_batch1": round(1e3 * b1.total("dense") / n, 2),
+        "dtop_ms_per_image_batch1": round(1e3 * b1.total("dtop") / n, 2),
+        # each image alone, to see which exit fractions lose the most of their FLOP saving
+        "batch1_images": [{"exit_fraction": round(float(o.exit_fractions()[0, :-1].sum()), 3),
+                           "flop_ratio": round(f, 4),
+                           "time_ratio": round(statistics.median(t_dtop) / statistics.median(t_dense), 4)}
+                          for o, f, t_dense, t_dtop in zip(alone, ratios_b1, b1.dense, b1.dtop)],
+        "dense_images_per_s_mixed": round(batch / mx.total("dense"), 2),
+        "dtop_images_per_s_mixed": round(batch / mx.total("dtop"), 2),
+        "peak_mem_dtop_mb": round(peak_memory_mb(calls.dtop_batch, device), 1),
+    }
+
+
+def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device: torch.device,
+              dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5,
+              exit_fractions: Optional[Sequence[float]] = None, bucket: bool = False) -> dict[str, Any]:
+    """Measure dense vs DToP in each of ``layouts``; ``images`` (n >= batch, 3, H, W). Returns the result dict
+    (``layouts``: one entry per layout; ``paths``/``path`` are deprecated aliases of ``layouts``/``layout``)."""
+    model.eval().to(device)
+    images = images.to(device)
+    size = tuple(images.shape[-2:])
+    saved_p0 = model.cfg.p0
+    if exit_fractions is not None:  # the override replaces the decisions; p0 < 1 makes them run
+        model.set_p0(0.5)
+    amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    calls = _Calls.make(model, images, batch, amp, exit_fractions)
+    flops, alone, ratios_b1 = _flop_fields(model, calls, size)
+    result: dict[str, Any] = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch, **flops,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "layouts": {},
+        "varlen_kernel": device.type == "cuda" and dtype != torch.float32 and varlen_kernel_available(),
+    }
+    result["peak_mem_dense_mb"] = round(peak_memory_mb(calls.dense_batch, device), 1)
+    for layout in layouts:
+        model.set_layout(layout, bucket=bucket and layout == "padded")
+        result["layouts"][layout] = _measure_layout(calls, device, warmup, repeats, batch, flops["flop_ratio"],
+                                                    flops["flop_ratio_batch1"], alone, ratios_b1)
+    model.force_exit = None
+    model.set_p0(saved_p0)
+    main = result["layouts"][layouts[0]]
+    result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
+                                        "peak_mem_dtop_mb")})
+    result["layout"] = layouts[0]
+    result["paths"], result["path"] = result["layouts"], result["layout"]  # deprecated names
+    return result
+
+
+def realised(time_ratio: float, flop_ratio: float) -> float:
+    """Share of the FLOP saving that shows up as time saving: (1 - time ratio) / (1 - FLOP ratio)."""
+    return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
+
+
+def bench_model(args: argparse.Namespace) -> tuple[DToPSegmentor, Tensor, Optional[list[float]]]:
+    """The model, the images and the forced exit fractions (None: the heads decide) the options ask for."""
+    if args.checkpoint:
+        if not args.images:
+            raise ConfigError("--checkpoint needs --images DIR (real images to prune)")
+        model = load_model(args.checkpoint)
+        if args.p0 is not None:
+            model.set_p0(args.p0)
+        return model, load_images(args.images, tuple(args.size), args.batch), None
+    images = torch.randn(args.batch, 3, *args.size)
+    n = args.batch
+    heads_decide = args.p0 is not None and args.exit_fractions is None  # the untrained heads, at this p0
+    model = create_model(args.name, num_classes=args.num_classes, p0=args.p0 if heads_decide else 0.5)
+    fractions = None if heads_decide else (args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)])
+    return model, images, fractions
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name", nargs="?", default="segvit_vit_b16", help="preset (ignored with --checkpoint)")
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--num-classes", type=int, default=150)
+    sp.add_argument("--checkpoint", help="a trained dtop checkpoint: prune real images at its p0")
+    sp.add_argument("--images", help="folder of images for --checkpoint")
+    sp.add_argument("--p0", type=float, default=None,
+                    help="exit threshold: with --checkpoint, instead of the checkpoint's; without, the "
+                         "(untrained) heads decide instead of --exit-fractions (--p0 1: nothing can exit, "
+                         "the auxiliary heads are skipped)")
+    sp.add_argument("--exit-fractions", type=float, nargs="+", default=None,
+                    help="forced per-image fractions of tokens leaving at the first exit stage "
+                         "(default: a spread 0.1 ... 0.7 across the batch)")
+    sp.add_argument("--layouts", "--paths", dest="layouts", nargs="+", choices=LAYOUTS[1:], default=None,
+                    help="token layouts to measure (default: all, the device's default first; --paths is a "
+                         "deprecated name of this option)")
+    sp.add_argument("--bucket", action="store_true", help="padded layout: bucket images by kept length")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--json", action="store_true")
+    add_allocator(sp)
+    add_linear(sp)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    kept = set_allocator(args)
+    torch.manual_seed(0)
+    model, images, fractions = bench_model(args)
+    linear = use_linear_kernel(model, args.linear, device)
+    first = default_layout(device)
+    layouts = args.layouts or [first] + [p for p in ("per_image", "packed", "padded") if p != first]
+    result = run_bench(model, images, args.batch, layouts, device, getattr(torch, args.dtype), args.warmup,
+                       args.repeats, fractions, bucket=args.bucket)
+    result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']} at {args.size[0]}x{args.size[1]}, batch {args.batch}, {result['device']}, "
+          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}")
+    print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
+          f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
+    print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
+    print("| layout | time ratio b1 | time ratio mixed | realised b1 | realised mixed | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for p, e in result["layouts"].items():
+        print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {e['realised_batch1']} | "
+              f"{e['realised_mixed']} | {e['peak_mem_dtop_mb']} |")
+
+
+APP = App("bench", "wall-clock dense vs DToP: batch-1 latency, mixed-batch throughput, memory", add_arguments, run)

@@ -1,0 +1,144 @@
+"""``dtop predict``: segment image files with a checkpoint; per image a colour segmentation, an overlay,
+an exit-stage map, and the image's GFLOPs against the dense model's.
+
+Every output goes to ``out_dir``: ``<stem>_seg.png``, ``<stem>_overlay.png``, ``<stem>_exits.png``,
+and ``predictions.json`` / ``predictions.csv`` (one row per image; unreadable files are listed as
+errors and the others still run).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint
+from ..config import ExperimentConfig, config_from_dict
+from ..data import EvalTransform, display_meta, image_files, read_image
+from ..engine.common import progress_enabled, resolve_device
+from ..engine.evaluate import predict
+from ..errors import InputError
+from ..models import load_model
+from ..models.packed import use_linear_kernel
+from ..viz import colorize, exit_map_figure, overlay
+from .common import App, add_allocator, add_linear, set_allocator
+
+
+def stage_names(model) -> list[str]:
+    """``stage s (block b)`` for each stage head, 1-based stages as figures show them."""
+    return [f"stage {s + 1} (block {b})" for s, b in enumerate(model.stage_blocks)]
+
+
+def _warn(message: str) -> None:
+    print(f"dtop predict: error: {message} (going on with the others)", file=sys.stderr)
+
+
+def predict_image(model, cfg: ExperimentConfig, transform: EvalTransform, rgb: np.ndarray, device) -> dict[str, Any]:
+    """One image (H, W, 3) uint8 -> its label map and exit-stage map at (H, W) and its GFLOPs."""
+    x, _ = transform(rgb)
+    pred = predict(model, x.to(device), cfg.eval)
+    H, W = rgb.shape[:2]
+    return {"label": pred.label_map((H, W)).numpy(), "exits": pred.exit_stages((H, W)).numpy(),
+            "gflops": pred.gflops, "dense_gflops": pred.dense_gflops, "exit_fractions": pred.exit_fractions}
+
+
+def write_image(path: Path, stem: str, rgb: np.ndarray, p: dict[str, Any], out_dir: Path, colours, classes,
+                names: list[str], alpha: float) -> dict[str, Any]:
+    """The three PNGs of one image; returns its row of ``predictions.json``."""
+    colour = colorize(p["label"], colours, None)
+    Image.fromarray(colour).save(out_dir / f"{stem}_seg.png")
+    Image.fromarray(overlay(rgb, colour, alpha)).save(out_dir / f"{stem}_overlay.png")
+    reduction = 100 * (1 - p["gflops"] / p["dense_gflops"])
+    exit_map_figure(p["exits"], names, out_dir / f"{stem}_exits.png", image=rgb,
+                    title=f"{path.name}: {p['gflops']:.2f} GFLOPs, {reduction:.1f}% fewer than dense")
+    H, W = rgb.shape[:2]
+    present = np.bincount(p["label"].ravel(), minlength=len(classes)) / p["label"].size
+    return {"file": str(path), "stem": stem, "height": H, "width": W, "gflops": round(p["gflops"], 4),
+            "dense_gflops": round(p["dense_gflops"], 4), "reduction_pct": round(reduction, 2),
+            **{f"exit_s{s}": round(float(f), 4) for s, f in enumerate(p["exit_fractions"])},
+            "top_classes": ", ".join(f"{classes[c]} {100 * present[c]:.0f}%"
+                                     for c in np.argsort(-present)[:3] if present[c] > 0)}
+
+
+def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
+                  palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
+                  progress: bool = False, linear: str = "auto") -> dict[str, Any]:
+    """Run the checkpoint on every image; returns the ``predictions.json`` content.
+    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`)."""
+    cfg = config_from_dict(load_checkpoint(checkpoint).get("config") or {})
+    dev = resolve_device(device)
+    model = load_model(checkpoint, dev).eval()
+    use_linear_kernel(model, linear, dev)
+    if p0 is not None:
+        model.set_p0(p0)
+    colours, classes = display_meta(palette or cfg.data.name, model.num_classes)
+    transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
+                              mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    files, errors = image_files(inputs)
+    for e in errors:
+        _warn(f"{e['file']}: {e['error']}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, rows, used = stage_names(model), [], set()
+    for path in tqdm(files, desc="predict", disable=not progress):
+        try:
+            rgb = read_image(path)
+        except InputError as e:
+            errors.append({"file": str(path), "error": str(e)})
+            _warn(str(e))
+            continue
+        stem = path.stem
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        p = predict_image(model, cfg, transform, rgb, dev)
+        rows.append(write_image(path, stem, rgb, p, out_dir, colours, classes, names, alpha))
+    result = {"checkpoint": str(checkpoint), "p0": model.p0, "stages": names, "images": rows, "errors": errors,
+              "config": cfg.to_dict()}
+    _write_tables(out_dir, result)
+    return result
+
+
+def _write_tables(out_dir: Path, result: dict[str, Any]) -> None:
+    (out_dir / "predictions.json").write_text(json.dumps(result, indent=1))
+    rows = result["images"]
+    with open(out_dir / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("checkpoint")
+    sp.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--p0", type=float, default=None, help="exit threshold (default: the checkpoint's)")
+    sp.add_argument("--palette", default=None,
+                    help="dataset whose colours to use (ade20k, pascal_context59, coco_stuff10k, cityscapes, "
+                         "camvid, ...; default: the checkpoint's dataset)")
+    sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
+    sp.add_argument("--device", default="auto")
+    add_allocator(sp)
+    add_linear(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    set_allocator(args)
+    result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
+                           device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear)
+    for r in result["images"]:
+        exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
+        print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({r['reduction_pct']:.1f}% fewer than dense), "
+              f"tokens leaving per stage {exits}")
+    print(f"{len(result['images'])} image(s) written to {args.out}" +
+          (f"; {len(result['errors'])} could not be read" if result["errors"] else ""))
+    return 1 if result["errors"] else 0  # finished, but some inputs failed
+
+
+APP = App("predict", "segment images: colour map, overlay, exit-stage map, GFLOPs per image", add_arguments, run)

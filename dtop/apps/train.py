@@ -1,0 +1,22 @@
+"""``dtop train CONFIG``: train from a YAML config (dense, @Finetune or @Scratch; DDP under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import load_config
+from ..engine import train
+from .common import App, add_set
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config")
+    add_set(sp)
+    sp.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+
+
+def run(args: argparse.Namespace) -> None:
+    path = train(load_config(args.config, args.set), resume=args.resume)
+    print(f"checkpoint: {path}")
+
+
+APP = App("train", "train from a YAML config", add_arguments, run)

@@ -1,0 +1,80 @@
+"""The canvas: where each stage head's scores are assembled into one map (``docs/method/canvas.md``).
+
+The first head that runs writes every token; each later head overwrites only the tokens still in play,
+so every token ends up holding the scores of the stage where it left. Alongside, the canvas keeps
+
+- ``exit_stage`` (B, N + 1): the stage that finalised each token. Column ``N`` is a padding sink: the
+  layouts pad their token positions with ``N``, so writes through padding land there and are dropped;
+- for models whose heads are of mixed kinds (ATM and not; the ``"prob"`` score space), one canvas per
+  head kind in that kind's own space (ATM mask logits, class logits) and the tokens it covers, for the
+  stage losses.
+
+Tensors only (no parameters): one :class:`Canvas` per forward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .outputs import StageOutput
+
+
+def write_tokens(canvas: Optional[Tensor], values: Tensor, pos: Tensor, valid: Tensor, N: int) -> Tensor:
+    """Write ``values`` (B, K, L) at token positions ``pos`` (B, L) where ``valid`` into ``canvas`` (B, K, N)
+    (zeros when None). With autograd on, the write is out of place so earlier stage snapshots keep their
+    values; without it (inference) the canvas is written in place, so no stage copy stays in memory."""
+    if canvas is None:
+        canvas = values.new_zeros(values.shape[0], values.shape[1], N)
+    elif torch.is_grad_enabled():
+        canvas = canvas.clone()
+    b, l = valid.nonzero(as_tuple=True)
+    canvas[b, :, pos[b, l]] = values[b, :, l].to(canvas.dtype)
+    return canvas
+
+
+class Canvas:
+    """The score canvas of one forward over ``batch`` images of token grid ``grid``.
+
+    mixed: the heads are of mixed kinds (``"prob"`` score space): keep per-kind canvases for the losses.
+    """
+
+    def __init__(self, batch: int, grid: tuple[int, int], num_stages: int, mixed: bool,
+                 device: torch.device) -> None:
+        self.grid = grid
+        self.N = grid[0] * grid[1]
+        self.mixed = mixed
+        self.scores: Optional[Tensor] = None  # (B, K, N) in the model's score space
+        self.native: dict[str, Tensor] = {}  # head kind ("atm", "logits") -> (B, K, N) in its own space
+        self.coverage: dict[str, Tensor] = {}  # head kind -> (B, N) bool, tokens its canvas holds
+        self.exit_stage = torch.full((batch, self.N + 1), num_stages - 1, dtype=torch.long, device=device)
+        self.exited = False  # whether any token has left yet
+
+    def write(self, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Tensor,
+              valid: Tensor) -> StageOutput:
+        """Write one stage head's output: ``values`` (B, K, L) in the score space and ``logits`` (B, K, L)
+        in the head's own space, at token positions ``pos`` (B, L) where ``valid`` (B, L); ``presence``
+        (B, K, 2) for ATM heads. Returns the stage's view of the canvases (:class:`StageOutput`)."""
+        B, h, w = values.shape[0], *self.grid
+        # while no token has left, this head decoded every token in raster order: its output is the canvas
+        self.scores = write_tokens(self.scores, values, pos, valid, self.N) if self.exited else values
+        if self.mixed:
+            kind = "atm" if presence is not None else "logits"
+            self.native[kind] = write_tokens(self.native.get(kind), logits, pos, valid, self.N)
+            seen = torch.zeros(B, self.N + 1, dtype=torch.bool, device=pos.device).scatter(1, pos, valid)[:, :self.N]
+            self.coverage[kind] = self.coverage.get(kind, seen) | seen
+            own, covered = self.native[kind], self.coverage[kind]
+        else:  # one head kind: the canvas is in the heads' own space and covers every token
+            own, covered = self.scores, torch.ones(B, self.N, dtype=torch.bool, device=pos.device)
+        return StageOutput(self.scores.reshape(B, -1, h, w), presence, own.reshape(B, -1, h, w),
+                           covered.reshape(B, h, w))
+
+    def mark_exits(self, stage: int, exits: Tensor, pos: Tensor) -> None:
+        """Tokens at positions ``pos`` (B, L) where ``exits`` (B, L) left at ``stage``."""
+        self.exit_stage.scatter_(1, pos, torch.where(exits, stage, self.exit_stage.gather(1, pos)))
+        self.exited = True
+
+    def exit_map(self) -> Tensor:
+        """(B, h, w) long: the stage that finalised each token."""
+        return self.exit_stage[:, : self.N].reshape(-1, *self.grid)

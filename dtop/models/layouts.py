@@ -1,0 +1,258 @@
+"""Token layouts: how the tokens still in play are held and run through the blocks (``docs/method/layouts.md``).
+
+While no token has left, the batch is one (B, P + N, C) tensor (:class:`PaddedTokens` without padding).
+After the first exit the kept tokens move to the model's layout (``DToPSegmentor.set_layout``):
+
+- ``per_image``: each image's kept tokens as its own (1, P + n_b, C) tensor, blocks run per image.
+  The exact reference, and the fastest on CPU (no padding, no masks).
+- ``padded``: kept tokens gathered to the longest kept length, a key-padding mask through
+  ``scaled_dot_product_attention``; with ``bucket`` the images are grouped into buckets of similar length.
+- ``packed``: all kept tokens of the batch in one (T, C) sequence; per-token layers (qkv, MLP,
+  norms: most of the FLOPs) run as one matmul, attention runs per image
+  (:func:`dtop.models.blocks.varlen_attention`: torch's variable-length kernel on CUDA).
+
+Every layout implements :class:`TokenLayout`; all are tested equal to ``per_image`` (logits, exit maps,
+token counts, GFLOPs, gradients). ``P`` prefix tokens (CLS, registers: ``segmenter`` mode) never exit.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import unknown_name
+from ..pruning import compact, gather_tokens, pad_positions
+from .blocks import packed_block
+from .heads import HeadOutput
+
+HeadFn = Callable[[Tensor, Optional[Tensor]], HeadOutput]
+LAYOUTS = ("auto", "per_image", "padded", "packed")
+
+
+class TokenLayout(Protocol):
+    """The operations the DToP forward needs from the tokens in play (B images, N patch tokens).
+
+    - ``run(block)``: run one ViT block on the tokens in play (in place).
+    - ``counts()`` -> (B,) long: tokens each image sent through the last block, prefix included.
+    - ``decode(head)`` -> (out, pos, valid): ``head(x (B, L, C), valid (B, L) or None)`` on the patch
+      tokens in play, its output :class:`~dtop.models.heads.HeadOutput` with (B, K, L) per-token values,
+      ``pos`` (B, L) long their token positions (padding = N) and ``valid`` (B, L) bool the real ones.
+    - ``prune(keep)`` -> a new layout holding only the tokens where ``keep`` (B, L) (the columns of the
+      last ``decode``) is True, in their original order.
+    """
+
+    def run(self, blk: nn.Module) -> None: ...
+
+    def counts(self) -> Tensor: ...
+
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]: ...
+
+    def prune(self, keep: Tensor) -> "TokenLayout": ...
+
+
+def default_layout(device: torch.device) -> str:
+    """``per_image`` on CPU (measured fastest there), ``packed`` on CUDA."""
+    return "packed" if device.type == "cuda" else "per_image"
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else a ConfigError naming the choices."""
+    if layout not in LAYOUTS:
+        raise unknown_name("layout", layout, LAYOUTS)
+    return layout
+
+
+class PaddedTokens:
+    """x (B, P + L, C) with a (B, L) validity mask; ``valid=None`` means no padding (the dense batch).
+    pos (B, L): the token position of each column (padding = N)."""
+
+    def __init__(self, x: Tensor, pos: Tensor, valid: Optional[Tensor], P: int, N: int) -> None:
+        self.x, self.pos, self.valid, self.P, self.N = x, pos, valid, P, N
+
+    @classmethod
+    def full(cls, x: Tensor, P: int, N: int) -> "PaddedTokens":
+        """The whole batch x (B, P + N, C), before any token has left."""
+        B = x.shape[0]
+        return cls(x, torch.arange(N, device=x.device).expand(B, N), None, P, N)
+
+    def _attn_mask(self) -> Optional[Tensor]:
+        if self.valid is None:
+            return None
+        keys = torch.cat([self.valid.new_ones(self.valid.shape[0], self.P), self.valid], dim=1)
+        # an image with no token left keeps one (padding) key so softmax stays finite; its rows are unused
+        keys[:, 0] |= ~keys.any(dim=1)
+        return keys[:, None, None]
+
+    def run(self, blk: nn.Module) -> None:
+        if self.x.shape[1] == 0:  # every token of every image here has left
+            return
+        mask = self._attn_mask()
+        self.x = blk(self.x) if mask is None else blk(self.x, attn_mask=mask)
+
+    def counts(self) -> Tensor:
+        if self.valid is None:
+            return torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
+        return self.valid.sum(1) + self.P
+
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
+        valid = self.valid if self.valid is not None else torch.ones_like(self.pos, dtype=torch.bool)
+        return head(self.x[:, self.P:], self.valid), self.pos, valid
+
+    def prune(self, keep: Tensor) -> "PaddedTokens":
+        """Each image's kept tokens compacted to the front, in their original order."""
+        if self.valid is not None:
+            keep = keep & self.valid
+        order, valid = compact(keep)
+        pos = torch.where(valid, self.pos.gather(1, order), torch.full_like(order, self.N))
+        return PaddedTokens(gather_tokens(self.x, order, offset=self.P), pos, valid, self.P, self.N)
+
+
+class BucketedTokens:
+    """Images as :class:`PaddedTokens` buckets ``(ids (b,), tokens)`` whose longest member is at most
+    ``1 + max_waste`` times their shortest, to cut padding."""
+
+    def __init__(self, buckets: list[tuple[Tensor, PaddedTokens]], B: int, N: int) -> None:
+        self.buckets, self.B, self.N = buckets, B, N
+
+    @classmethod
+    def from_padded(cls, t: PaddedTokens, max_waste: float = 0.25) -> "BucketedTokens":
+        """Sort the images by kept length and cut the order into buckets (one host sync)."""
+        lengths = (t.counts() - t.P).cpu()
+        order = torch.argsort(lengths, descending=True).tolist()
+        groups: list[list[int]] = []
+        for b in order:
+            if groups and int(lengths[groups[-1][0]]) <= (1 + max_waste) * max(1, int(lengths[b])):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        buckets = []
+        for g in groups:
+            ids = torch.tensor(g, device=t.x.device)
+            L = int(lengths[g].max())
+            valid = t.valid[ids, :L] if t.valid is not None else None
+            buckets.append((ids, PaddedTokens(t.x[ids, : t.P + L], t.pos[ids, :L], valid, t.P, t.N)))
+        return cls(buckets, t.x.shape[0], t.N)
+
+    def run(self, blk: nn.Module) -> None:
+        for _, sub in self.buckets:
+            sub.run(blk)
+
+    def counts(self) -> Tensor:
+        out = torch.zeros(self.B, dtype=torch.long, device=self.buckets[0][0].device)
+        for ids, sub in self.buckets:
+            out[ids] = sub.counts()
+        return out
+
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
+        parts = [(ids, *sub.decode(head)) for ids, sub in self.buckets]
+        L = max(p[2].shape[1] for p in parts)
+        ref = parts[0][1].logits
+        logits = ref.new_zeros(self.B, ref.shape[1], L)
+        pos = torch.full((self.B, L), self.N, dtype=torch.long, device=ref.device)
+        valid = torch.zeros(self.B, L, dtype=torch.bool, device=ref.device)
+        presence = ref.new_zeros(self.B, ref.shape[1], 2) if parts[0][1].presence is not None else None
+        for ids, out, p, v in parts:
+            n = p.shape[1]
+            logits[ids, :, :n], pos[ids, :n], valid[ids, :n] = out.logits, p, v
+            if presence is not None:
+                presence[ids] = out.presence
+        return HeadOutput(logits, presence), pos, valid
+
+    def prune(self, keep: Tensor) -> "BucketedTokens":
+        return BucketedTokens([(ids, sub.prune(keep[ids, : sub.pos.shape[1]])) for ids, sub in self.buckets],
+                              self.B, self.N)
+
+
+def _pad_outputs(outs: list[HeadOutput], lengths: list[int]) -> HeadOutput:
+    """Per-image outputs (1, K, n_b) -> one (B, K, L) output, zeros in the padding."""
+    L = max(lengths) if lengths else 0
+    logits = torch.cat([F.pad(o.logits, (0, L - o.logits.shape[-1])) for o in outs])
+    presence = torch.cat([o.presence for o in outs]) if outs[0].presence is not None else None
+    return HeadOutput(logits, presence)
+
+
+class PerImageTokens:
+    """One (1, P + n_b, C) tensor per image and its (n_b,) token positions: the exact reference layout."""
+
+    def __init__(self, xs: list[Tensor], idx: list[Tensor], P: int, N: int) -> None:
+        self.xs, self.idx, self.P, self.N = xs, idx, P, N
+
+    @classmethod
+    def from_padded(cls, t: PaddedTokens) -> "PerImageTokens":
+        lengths = (t.counts() - t.P).tolist()  # one host sync, when the layout switches
+        xs = [t.x[b:b + 1, : t.P + n] for b, n in enumerate(lengths)]
+        return cls(xs, [t.pos[b, :n] for b, n in enumerate(lengths)], t.P, t.N)
+
+    def run(self, blk: nn.Module) -> None:
+        self.xs = [blk(x) if x.shape[1] else x for x in self.xs]
+
+    def counts(self) -> Tensor:
+        return torch.tensor([x.shape[1] for x in self.xs])
+
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
+        outs = [head(x[:, self.P:], None) for x in self.xs]
+        pos, valid = pad_positions(self.idx, self.N)
+        return _pad_outputs(outs, [len(i) for i in self.idx]), pos, valid
+
+    def prune(self, keep: Tensor) -> "PerImageTokens":
+        kept = [keep[b, : len(idx)].nonzero(as_tuple=True)[0] for b, idx in enumerate(self.idx)]
+        return PerImageTokens([gather_tokens(x, k, offset=self.P) for x, k in zip(self.xs, kept)],
+                              [idx[k] for idx, k in zip(self.idx, kept)], self.P, self.N)
+
+
+class PackedTokens:
+    """All kept tokens of the batch in one (T, C) tensor, image after image (each image's prefix tokens
+    first); ``lengths`` (B,) per image, prefix included; ``idx`` the (n_b,) token positions per image."""
+
+    def __init__(self, x: Tensor, lengths: Tensor, idx: list[Tensor], P: int, N: int) -> None:
+        self.x, self.lengths, self.idx, self.P, self.N = x, lengths, idx, P, N
+
+    @classmethod
+    def from_padded(cls, t: PaddedTokens) -> "PackedTokens":
+        per = PerImageTokens.from_padded(t)
+        return cls.from_rows([x[0] for x in per.xs], per.idx, t.P, t.N)
+
+    @classmethod
+    def from_rows(cls, rows: list[Tensor], idx: list[Tensor], P: int, N: int) -> "PackedTokens":
+        """From per-image (P + n_b, C) tensors."""
+        return cls(torch.cat(rows), torch.tensor([r.shape[0] for r in rows]), idx, P, N)
+
+    def _cu(self) -> Tensor:
+        return F.pad(self.lengths.cumsum(0), (1, 0)).to(self.x.device)
+
+    def run(self, blk: nn.Module) -> None:
+        if self.x.shape[0]:
+            self.x = packed_block(blk, self.x, self._cu(), int(self.lengths.max()))
+
+    def counts(self) -> Tensor:
+        return self.lengths.clone()
+
+    def _split(self) -> list[Tensor]:
+        return list(self.x.split(self.lengths.tolist()))
+
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
+        pos, valid = pad_positions(self.idx, self.N)
+        L = pos.shape[1]
+        rows = [F.pad(r[self.P:], (0, 0, 0, L - (r.shape[0] - self.P))) for r in self._split()]
+        return head(torch.stack(rows), valid), pos, valid
+
+    def prune(self, keep: Tensor) -> "PackedTokens":
+        kept = [keep[b, : len(idx)].nonzero(as_tuple=True)[0] for b, idx in enumerate(self.idx)]
+        rows = [gather_tokens(r[None], k, offset=self.P)[0] for r, k in zip(self._split(), kept)]
+        return PackedTokens.from_rows(rows, [idx[k] for idx, k in zip(self.idx, kept)], self.P, self.N)
+
+
+def to_layout(tokens: TokenLayout, layout: str, bucket: bool = False) -> TokenLayout:
+    """The layout ``layout`` (not ``auto``) for the rest of the forward, once tokens have started to leave:
+    :class:`PaddedTokens` are converted, any other layout is returned as it is."""
+    if not isinstance(tokens, PaddedTokens):
+        return tokens
+    if layout == "per_image":
+        return PerImageTokens.from_padded(tokens)
+    if layout == "packed":
+        return PackedTokens.from_padded(tokens)
+    if layout == "padded":
+        return BucketedTokens.from_padded(tokens) if bucket else tokens
+    raise unknown_name("layout", layout, LAYOUTS[1:])
