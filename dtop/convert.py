@@ -405,6 +405,80 @@ class _Conversion:
         }
 
 
+def _map_dtop(conv: _Conversion) -> None:
+    """dtop's own keys: taken as they are, the position embeddings resampled to the model's grid."""
+    for key, value in conv.state.items():
+        if key == "backbone.vit.pos_embed":
+            conv.origin[key] = key
+            value = conv.resample_pos_embed(key, value)
+        conv.put(key, value, key)
+    for s in range(len(conv.model.heads)):
+        if _has_prefix(conv.state, f"heads.{s}."):
+            conv.heads[f"heads.{s}."] = f"heads.{s}."
+
+
+def _map_segmenter(conv: _Conversion) -> None:
+    """Official Segmenter: ``encoder.*`` -> the backbone, the ``decoder.*`` mask transformer -> the final head."""
+    state = conv.state
+    dec = [k for k in state if k.startswith("decoder.")]
+    if not _has_prefix(state, "encoder.blocks.") or not dec:
+        raise CheckpointError(f"format 'segmenter' needs 'encoder.*' and 'decoder.*' keys; "
+                              f"got {_few(sorted(state))}")
+    if "decoder.head.weight" in state:
+        raise CheckpointError(
+            "the Segmenter checkpoint has a linear decoder (decoder.head); dtop converts the mask-transformer "
+            "decoder only (its linear head adds a LayerNorm the source lacks)")
+    if "decoder.cls_emb" not in state:
+        raise CheckpointError(f"the Segmenter checkpoint's decoder is not a mask transformer "
+                              f"(no decoder.cls_emb); its keys: {_few(dec)}")
+    conv.map_backbone("segmenter", "encoder.")
+    conv.map_head("segmenter_mask", "decoder.", len(conv.model.heads) - 1)
+    conv.unknown += [k for k in state if not k.startswith(("encoder.", "decoder."))]
+
+
+def _map_mmseg(conv: _Conversion) -> None:
+    """mmseg ViT backbone with a Segmenter mask head or DToP PruneHeads (``decode_head``, ``auxiliary_head.i``)."""
+    state, fmt, final = conv.state, conv.fmt, len(conv.model.heads) - 1
+    if not _is_mmseg_vit(state):
+        raise CheckpointError(f"format {fmt!r} needs an mmseg ViT backbone "
+                              f"('backbone.layers.{{i}}.attn.attn.in_proj_weight'); keys: {_few(sorted(state))}")
+    conv.map_backbone("mmseg", "backbone.")
+    want = "mmseg_mask" if fmt == "mmseg_segmenter" else "prune"
+    if _mmseg_head_kind(state, "decode_head.") != want:
+        raise CheckpointError(
+            f"format {fmt!r} expects a {'SegmenterMaskTransformerHead' if want == 'mmseg_mask' else 'PruneHead'} "
+            f"in decode_head; its keys: {_few(sorted(k for k in state if k.startswith('decode_head.')))}")
+    conv.map_head(want, "decode_head.", final)
+    handled = ("backbone.", "decode_head.", "auxiliary_head.")
+    _map_mmseg_auxiliary(conv, final)
+    for key in state:
+        if key.startswith("data_preprocessor."):
+            conv.dropped.append(key)
+        elif not key.startswith(handled):
+            conv.unknown.append(key)
+
+
+def _map_mmseg_auxiliary(conv: _Conversion, final: int) -> None:
+    """``auxiliary_head.i`` PruneHeads -> stage head i (mmseg_segvit); any other auxiliary head is dropped."""
+    aux_keys = [k for k in conv.state if k.startswith("auxiliary_head.")]
+    if not aux_keys:
+        return
+    indexed = sorted({int(m.group(1)) for k in aux_keys if (m := re.match(r"auxiliary_head\.(\d+)\.", k))})
+    prefixes = [f"auxiliary_head.{i}." for i in indexed] if indexed else ["auxiliary_head."]
+    for i, prefix in enumerate(prefixes):
+        stage = indexed[i] if indexed else 0
+        if conv.fmt == "mmseg_segvit" and _mmseg_head_kind(conv.state, prefix) == "prune":
+            if stage >= final:
+                raise CheckpointError(
+                    f"checkpoint head {prefix.rstrip('.')} belongs to auxiliary stage {stage}, but the model "
+                    f"has {final} auxiliary stage(s) (stages before the final head); build it with "
+                    f"{len(prefixes) + 1} stages")
+            conv.map_head("prune", prefix, stage)
+        else:
+            conv.dropped += [k for k in aux_keys if k.startswith(prefix)]
+            conv.notes.append(f"{prefix.rstrip('.')}: an auxiliary head dtop does not use; dropped")
+
+
 def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "auto", *,
                        src_grid: Optional[tuple[int, int]] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Map a checkpoint's ``state`` to ``model``'s (a :class:`~dtop.DToPSegmentor`) parameter names.
@@ -430,70 +504,7 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "a
     if not hasattr(model, "heads") or not hasattr(model, "backbone"):
         raise CheckpointError(f"convert_state_dict needs a DToPSegmentor, got {type(model).__name__}")
     conv = _Conversion(state, model, fmt, src_grid)
-    S = len(model.heads)
-    final = S - 1
-
-    if fmt == "dtop":
-        for key, value in state.items():
-            if key == "backbone.vit.pos_embed":
-                conv.origin[key] = key
-                value = conv.resample_pos_embed(key, value)
-            conv.put(key, value, key)
-        for s in range(S):
-            if _has_prefix(state, f"heads.{s}."):
-                conv.heads[f"heads.{s}."] = f"heads.{s}."
-    elif fmt == "segmenter":
-        dec = [k for k in state if k.startswith("decoder.")]
-        if not _has_prefix(state, "encoder.blocks.") or not dec:
-            raise CheckpointError(f"format 'segmenter' needs 'encoder.*' and 'decoder.*' keys; "
-                                  f"got {_few(sorted(state))}")
-        if "decoder.head.weight" in state:
-            raise CheckpointError(
-                "the Segmenter checkpoint has a linear decoder (decoder.head); dtop converts the mask-transformer "
-                "decoder only (its linear head adds a LayerNorm the source lacks)")
-        if "decoder.cls_emb" not in state:
-            raise CheckpointError(f"the Segmenter checkpoint's decoder is not a mask transformer "
-                                  f"(no decoder.cls_emb); its keys: {_few(dec)}")
-        conv.map_backbone("segmenter", "encoder.")
-        conv.map_head("segmenter_mask", "decoder.", final)
-        conv.unknown += [k for k in state if not k.startswith(("encoder.", "decoder."))]
-    else:  # mmseg_segmenter, mmseg_segvit
-        if not _is_mmseg_vit(state):
-            raise CheckpointError(f"format {fmt!r} needs an mmseg ViT backbone "
-                                  f"('backbone.layers.{{i}}.attn.attn.in_proj_weight'); keys: {_few(sorted(state))}")
-        conv.map_backbone("mmseg", "backbone.")
-        want = "mmseg_mask" if fmt == "mmseg_segmenter" else "prune"
-        kind = _mmseg_head_kind(state, "decode_head.")
-        if kind != want:
-            raise CheckpointError(
-                f"format {fmt!r} expects a {'SegmenterMaskTransformerHead' if want == 'mmseg_mask' else 'PruneHead'} "
-                f"in decode_head; its keys: {_few(sorted(k for k in state if k.startswith('decode_head.')))}")
-        conv.map_head(want, "decode_head.", final)
-        handled = ("backbone.", "decode_head.")
-        aux_keys = [k for k in state if k.startswith("auxiliary_head.")]
-        if aux_keys:
-            indexed = sorted({int(m.group(1)) for k in aux_keys if (m := re.match(r"auxiliary_head\.(\d+)\.", k))})
-            prefixes = [f"auxiliary_head.{i}." for i in indexed] if indexed else ["auxiliary_head."]
-            for i, prefix in enumerate(prefixes):
-                stage = indexed[i] if indexed else 0
-                aux_kind = _mmseg_head_kind(state, prefix)
-                if fmt == "mmseg_segvit" and aux_kind == "prune":
-                    if stage >= final:
-                        raise CheckpointError(
-                            f"checkpoint head {prefix.rstrip('.')} belongs to auxiliary stage {stage}, but the model "
-                            f"has {final} auxiliary stage(s) (stages before the final head); build it with "
-                            f"{len(prefixes) + 1} stages")
-                    conv.map_head("prune", prefix, stage)
-                else:
-                    conv.dropped += [k for k in aux_keys if k.startswith(prefix)]
-                    conv.notes.append(f"{prefix.rstrip('.')}: an auxiliary head dtop does not use; dropped")
-            handled += ("auxiliary_head.",)
-        for key in state:
-            if key.startswith("data_preprocessor."):
-                conv.dropped.append(key)
-            elif not key.startswith(handled):
-                conv.unknown.append(key)
-
+    {"dtop": _map_dtop, "segmenter": _map_segmenter}.get(fmt, _map_mmseg)(conv)
     conv.fix_qkv_biases()
     conv.check()
     report = conv.report()

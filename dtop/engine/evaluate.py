@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .._version import __version__
 from ..config import EvalSection, ExperimentConfig
 from ..flops import dense_flops, forward_gflops
 from ..models import DToPSegmentor, ReducedSegmentor, load_model
@@ -173,8 +174,6 @@ def _pct(v: Tensor) -> Optional[float]:
 
 def versions() -> dict[str, str]:
     import timm
-
-    from .. import __version__
 
     return {"dtop": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
