@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -111,7 +111,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}"
+                          f"{did_you_mean(unknown[0], names)}; "
                           f"known keys{' of ' + path if path else ''}: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in data.items():
@@ -126,10 +127,11 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     node = d
     for i, k in enumerate(keys[:-1]):
         if not isinstance(node.get(k), dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a config section")
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a config section"
+                              f"{did_you_mean(k, [n for n, v in node.items() if isinstance(v, dict)])}")
         node = node[k]
     if keys[-1] not in node and not (len(keys) > 1 and keys[-2] in ("overrides", "options", "val_options")):
-        raise ConfigError(f"--set {dotted}: unknown config key {dotted!r}")
+        raise ConfigError(f"--set {dotted}: unknown config key {dotted!r}{did_you_mean(keys[-1], node)}")
     node[keys[-1]] = value
 
 

@@ -216,7 +216,7 @@ def forward_gflops(model: Segmentor, out: SegmentationOutput) -> Tensor:
     return segmentor_flops_batch(model, out.image_size, out.tokens_per_block, out.head_tokens) / 1e9
 
 
-# The paper's dense GFLOPs (docs/method/flops.md, DESIGN.md section 4):
+# The paper's dense GFLOPs (docs/method/flops.md):
 # (preset, crop, classes, final head only, reference GFLOPs).
 PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
     ("segmenter_vit_s16", 512, 150, True, 38.6),

@@ -25,7 +25,7 @@ from ..config import ExperimentConfig, load_config, save_config
 from ..engine.common import build_dataset, progress_enabled, resolve_device
 from ..engine.evaluate import evaluate, write_results
 from ..engine.train import LAST, train
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
 from ..models import load_model
 from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
 from .common import App, add_set
@@ -121,9 +121,9 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
                 verbose: bool = True) -> dict[str, Any]:
     """Fine-tune, evaluate and tabulate; returns the ``compare.json`` content. ConfigError for an unknown
     method or a missing dense checkpoint."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise unknown_name("method", m, METHODS)
     if not Path(dense_checkpoint).is_file():
         raise ConfigError(f"dense checkpoint not found: {dense_checkpoint}")
     specs = dict(specs or {})

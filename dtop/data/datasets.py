@@ -1,4 +1,4 @@
-"""Segmentation datasets in the layouts users already have (DESIGN.md section 7).
+"""Segmentation datasets in the folder layouts users already have (``docs/datasets.md``).
 
 Each named dataset says where its images and labels lie for a split (:meth:`_Named.locate`) and how its
 labels map to class ids; :class:`FolderDataset` takes any folder of images with label PNGs.
@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, unknown_name
 from .base import PathLike, Sample, SegDataset, Transform, pair_files, require_dir
 from .images import IMAGE_SUFFIXES
 from .labels import read_label_ids, read_label_rgb
@@ -40,7 +40,7 @@ class _Named(SegDataset):
     def __init__(self, root: PathLike, split: str = "train", transform: Optional[Transform] = None) -> None:
         name = type(self).__name__
         if split not in self.SPLITS:
-            raise ConfigError(f"{name}: unknown split {split!r}; use one of {', '.join(sorted(self.SPLITS))}")
+            raise unknown_name(f"{name} split", split, sorted(self.SPLITS))
         meta = dataset_meta(self.meta_name)
         super().__init__(self.locate(Path(root), self.SPLITS[split]), meta.classes, meta.palette, transform,
                          reduce_zero_label=self.REDUCE_ZERO_LABEL, label_map=self.LABEL_MAP, split=split)

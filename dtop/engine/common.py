@@ -37,9 +37,9 @@ def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.dev
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process instead of handing it back to the OS.
 
-    By default glibc serves blocks above 32 MiB (a 150-class 512x512 logits map is 157 MB) with
+    By default glibc serves blocks above 32 MiB (a 150-class 512x512 score map is 157 MB) with
     ``mmap`` and returns them on ``free``, and trims the heap's top when a forward's activations are
-    freed; the next forward then page-faults the same memory in again (about 40 ms for that logits map
+    freed; the next forward then page-faults the same memory in again (about 40 ms for that score map
     on a 2-core CPU). With ``M_MMAP_MAX=0`` and no trimming, memory freed by one forward serves the next.
     The process keeps its peak resident size. Same as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``
     in the environment. Returns whether it took effect (False off glibc, e.g. macOS, Windows, musl).

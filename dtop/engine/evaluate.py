@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,6 +38,7 @@ class Prediction:
     @property
     def logits(self) -> Tensor:
         """Deprecated name of :attr:`scores`."""
+        warnings.warn("Prediction.logits is deprecated; use .scores", DeprecationWarning, stacklevel=2)
         return self.scores
 
     def label_map(self, size: Sequence[int]) -> Tensor:

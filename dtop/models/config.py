@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError, did_you_mean, unknown_name
 from .heads import HEADS
 
 
@@ -24,7 +24,7 @@ REDUCTIONS = ("conv", "avgpool", "nearest", "shrunk", "expedite")
 
 @dataclass
 class ReductionSpec:
-    """A token-reduction alternative to DToP (DESIGN.md section 6), for the supplement's comparisons.
+    """A token-reduction alternative to DToP (``docs/method/alternatives.md``), for the supplement's comparisons.
 
     kind: ``conv`` (2x2 stride-2 convolution), ``avgpool`` (2x2 average pooling), ``nearest`` (2x2 nearest
     sampling): after 0-based block ``block`` the tokens are downsampled 2x per side and the heads'
@@ -132,7 +132,8 @@ class SegmentorConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}{did_you_mean(unknown[0], known)}; "
+                              f"known keys: {', '.join(sorted(known))}")
         d = dict(d)
         if "stages" in d:
             d["stages"] = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in d["stages"]]

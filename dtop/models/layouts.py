@@ -11,12 +11,12 @@ After the first exit the kept tokens move to the model's layout (``DToPSegmentor
   norms: most of the FLOPs) run as one matmul, attention runs per image
   (:func:`dtop.models.blocks.varlen_attention`: torch's variable-length kernel on CUDA).
 
-Every layout implements :class:`TokenLayout`; all are tested equal to ``per_image`` (logits, exit maps,
+Every layout implements :class:`TokenLayout`; all are tested equal to ``per_image`` (scores, exit maps,
 token counts, GFLOPs, gradients). ``P`` prefix tokens (CLS, registers: ``segmenter`` mode) never exit.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ HeadFn = Callable[[Tensor, Optional[Tensor]], HeadOutput]
 LAYOUTS = ("auto", "per_image", "padded", "packed")
 
 
+@runtime_checkable
 class TokenLayout(Protocol):
     """The operations the DToP forward needs from the tokens in play (B images, N patch tokens).
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
 
 LINEAR_KERNELS = ("auto", "onednn", "aten")
 
@@ -99,7 +99,7 @@ def use_linear_kernel(model: nn.Module, kernel: str = "auto", device: Optional[t
     ``nn.Linear`` (torch's default, MKL sgemm); ``auto``: ``onednn`` on a CPU ``device`` where available,
     else ``aten``. Subclasses of ``nn.Linear`` (e.g. inside ``nn.MultiheadAttention``) are left alone."""
     if kernel not in LINEAR_KERNELS:
-        raise ConfigError(f"unknown linear kernel {kernel!r}; choose from {', '.join(LINEAR_KERNELS)}")
+        raise unknown_name("linear kernel", kernel, LINEAR_KERNELS)
     if kernel == "auto":
         on_cpu = device is None or torch.device(device).type == "cpu"
         kernel = "onednn" if on_cpu and onednn_available() else "aten"
