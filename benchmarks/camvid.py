@@ -30,7 +30,7 @@ def run(cmd: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"))
+    ap.add_argument("--data", default="../shared/data/camvid", help="relative to the repository root")
     ap.add_argument("--out", default="runs/camvid")
     ap.add_argument("--dense-iters", type=int, default=2000)
     ap.add_argument("--finetune-iters", type=int, default=500)

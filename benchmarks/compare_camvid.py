@@ -46,7 +46,7 @@ def _settings(kind: str, spec: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"))
+    ap.add_argument("--data", default="../shared/data/camvid", help="relative to the repository root")
     ap.add_argument("--dense", default="runs/camvid/dense/last.pt")
     ap.add_argument("--out", default="runs/camvid/compare")
     ap.add_argument("--iters", type=int, default=500, help="fine-tuning iterations of every trained method")

@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     ap.add_argument("--runs", type=int, default=3, help="separate runs of the main per_image measurement")
     ap.add_argument("--camvid-checkpoint", default="runs/camvid/dtop/last.pt")
-    ap.add_argument("--camvid-images", default=str(ROOT.parent / "shared" / "data" / "camvid" / "val"))
+    ap.add_argument("--camvid-images", default="../shared/data/camvid/val", help="relative to the repository root")
     a = ap.parse_args()
     rep = ["--warmup", "1", "--repeats", "2" if a.quick else "6"]  # even: each order of a pair equally often
     table = ["| model, exit pattern | device | path | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
@@ -84,7 +84,7 @@ def main() -> None:
         ("ViT-B/16 512, p0 1: nothing can leave (overhead)", [*b16, "--p0", "1", "--layouts", "per_image", *rep]),
         ("ViT-B/16 512, heads run but nothing leaves", [*b16, "--exit-fractions", "0", "--layouts", "per_image", *rep]),
     ]
-    if Path(ROOT / a.camvid_checkpoint).is_file() and Path(a.camvid_images).is_dir():
+    if (ROOT / a.camvid_checkpoint).is_file() and (ROOT / a.camvid_images).is_dir():
         runs.append(("CamVid ViT-T (trained), real val images, p0 0.9",
                      ["--checkpoint", a.camvid_checkpoint, "--images", a.camvid_images, "--p0", "0.9", "--size", "240",
                       "320", "--batch", "8", "--warmup", "2", "--repeats", "3" if a.quick else "10"]))
