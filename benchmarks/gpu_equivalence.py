@@ -1,4 +1,4 @@
-"""On a CUDA device: every execution layout against the per-image reference (fp32 and bf16).
+"""On a CUDA device: every token layout against the per-image reference (fp32 and bf16).
 
     python benchmarks/gpu_equivalence.py > gpu_equivalence.json
 """
@@ -25,12 +25,12 @@ def main() -> None:
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 model.set_layout("per_image")
                 ref = model(x)
-                for path in ("padded", "packed"):
-                    model.set_layout(path)
+                for layout in ("padded", "packed"):
+                    model.set_layout(layout)
                     out = model(x)
-                    key = f"{'+'.join(heads)}/{str(dtype)[6:]}/{path}"
+                    key = f"{'+'.join(heads)}/{str(dtype)[6:]}/{layout}"
                     results[key] = {
-                        "max_abs_logit_diff": float((out.scores.float() - ref.scores.float()).abs().max()),
+                        "max_abs_score_diff": float((out.scores.float() - ref.scores.float()).abs().max()),
                         "exit_maps_equal": bool(torch.equal(out.exit_stage, ref.exit_stage)),
                         "tokens_equal": bool(torch.equal(out.tokens_per_block, ref.tokens_per_block)),
                     }

@@ -37,8 +37,8 @@ def bench(args: list[str]) -> tuple[str, dict]:
 
 def rows(cmd: str, r: dict, label: str) -> list[str]:
     out = []
-    for path, e in r.get("layouts", r.get("paths", {})).items():  # "paths": the older name, in older JSON files
-        out.append(f"| {label} | {r['device']} {r['dtype']} | {path} | {_ratios(r)} | "
+    for layout, e in r.get("layouts", r.get("paths", {})).items():  # "paths": the older name, in older JSON files
+        out.append(f"| {label} | {r['device']} {r['dtype']} | {layout} | {_ratios(r)} | "
                    f"{e['time_ratio_batch1']:.3f} | {e['time_ratio_mixed']:.3f} | {_f(e['realised_batch1'])} | "
                    f"{_f(e['realised_mixed'])} | {r['peak_mem_dense_mb']:.0f} / {e['peak_mem_dtop_mb']:.0f} |")
     return out
@@ -56,7 +56,7 @@ def _per_image(results: dict, label: str) -> dict:
 
 
 def _ms(results: dict, label: str, side: str) -> str:
-    """Batch-1 ms per image of the per_image path (``side``: dense or dtop)."""
+    """Batch-1 ms per image of the per_image layout (``side``: dense or dtop)."""
     return f"{_per_image(results, label)[f'{side}_ms_per_image_batch1']:.0f}"
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--camvid-images", default="../shared/data/camvid/val", help="relative to the repository root")
     a = ap.parse_args()
     rep = ["--warmup", "1", "--repeats", "2" if a.quick else "6"]  # even: each order of a pair equally often
-    table = ["| model, exit pattern | device | path | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
+    table = ["| model, exit pattern | device | layout | FLOP ratio (batch 1 / mixed) | time ratio batch 1 | time ratio mixed batch |"
              " realised batch 1 | realised mixed | peak MB dense / DToP |", "|---|---|---|---|---|---|---|---|---|"]
     commands = []
     b16 = ["segvit_vit_b16", "--size", "512", "512", "--batch", "8"]
@@ -126,7 +126,7 @@ def main() -> None:
         "warm-up, dense and DToP run back to back on each input); realised = "
         "(1 - time ratio) / (1 - FLOP ratio). The dense model is the plain segmentor (final head only); DToP "
         "counts its auxiliary heads. Forced exit patterns pick random tokens at the first exit stage; the "
-        "trained CamVid row prunes real images. `per_image` is the authors' code path (a Python loop over the "
+        "trained CamVid row prunes real images. `per_image` is the authors' layout (a Python loop over the "
         "images of a batch); `packed` and `padded` are the batched layouts. Peak memory on CPU is the peak of the tensor "
         "storage the forward allocates (TorchDispatchMode; weights and inputs are not counted: before commit "
         "0fd4052 views of the weights were, which charged DToP's extra head weights as activations), on CUDA "

@@ -496,7 +496,7 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "a
     and ``notes``. Raises :class:`CheckpointError` for unknown keys, weights the model has no place
     for, and shape mismatches (naming the key and both shapes).
     """
-    state = unwrap_state_dict(dict(state), source="the state dict")
+    state = unwrap_state_dict(dict(state), source="the checkpoint")
     if fmt == "auto":
         fmt = detect_format(state)
     if fmt not in FORMATS:
@@ -526,7 +526,7 @@ def load_into(model: nn.Module, path_or_state: Union[str, Path, dict], fmt: str 
         state = load_state_dict_file(path_or_state)
         source = str(path_or_state)
     elif isinstance(path_or_state, dict):
-        state = unwrap_state_dict(path_or_state, source="the state dict")
+        state = unwrap_state_dict(path_or_state, source="the checkpoint")
         source = "the state dict"
     else:
         raise CheckpointError(f"load_into takes a file path or a state dict, got {type(path_or_state).__name__}")

@@ -90,3 +90,25 @@ def test_no_weight_decay_names_the_embeddings_and_queries():
     params = dict(model.named_parameters())
     assert {"backbone.vit.pos_embed", "backbone.vit.cls_token", "heads.0.query", "heads.2.cls_emb"} <= names
     assert all(params[n].ndim > 1 for n in names if n in params)  # what norms and biases do not already cover
+
+
+def test_predict_and_bench_take_a_checkpoint_of_an_alternative(tmp_path, capsys):
+    """A token-reduction checkpoint (dtop compare trains them) runs through predict and bench; --p0 is
+    reported as having no effect instead of failing."""
+    import numpy as np
+    from PIL import Image
+
+    base = tiny_model(("linear", "linear", "linear"))
+    model = build_model(base.cfg.__class__.from_dict({**base.cfg.to_dict(), "reduction": {"kind": "avgpool",
+                                                                                           "block": 2}}))
+    ckpt = tmp_path / "avgpool.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.cfg.to_dict()}, ckpt)
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", str(ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--p0", "0.5"]) == 0
+    result = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert result["p0"] is None and result["images"][0]["reduction_pct"] > 0
+    assert "--p0 has no effect" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(ckpt), "--images", str(tmp_path), "--size", "64", "96", "--batch", "1",
+                 "--warmup", "0", "--repeats", "1", "--layouts", "per_image", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["flop_ratio"] < 1 and r["exit_fractions"] == [0.0]  # one image; nothing exits early

@@ -50,7 +50,7 @@ def test_atm_loss_parts_match_definitions():
     logits = torch.randn(1, K, 2, 2)
     presence = torch.randn(1, K, 2)
     label = torch.tensor([[0, 0], [1, 255]]).repeat_interleave(16, 0).repeat_interleave(16, 1)[None]
-    from dtop.models.outputs import StageOutput
+    from dtop.models.segmentor import StageOutput
 
     st = StageOutput(canvas=logits, presence=presence, logits=logits, valid=torch.ones(1, 2, 2, dtype=torch.bool))
     parts = atm_loss(st, label)

@@ -6,7 +6,7 @@ from dtop.pruning import compact, confidence, gather_tokens, pad_positions, sele
 
 
 def brute_force_exits(conf, label, p0, k, valid=None):
-    """Loop over images and classes: the rule of DESIGN.md section 1, written the slow way."""
+    """Loop over images and classes: the rule of docs/method/context-rule.md, written the slow way."""
     B, N = conf.shape
     out = torch.zeros(B, N, dtype=torch.bool)
     for b in range(B):

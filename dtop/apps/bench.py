@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import time
 import weakref
@@ -29,7 +30,7 @@ from ..data.transforms import resize_image
 from ..engine.common import resolve_device
 from ..errors import ConfigError, InputError
 from ..flops import dense_flops, forward_gflops
-from ..models import DToPSegmentor, create_model, load_model
+from ..models import DToPSegmentor, Segmentor, create_model, load_model
 from ..models.blocks import varlen_kernel_available
 from ..models.layouts import LAYOUTS, default_layout
 from ..models.packed import use_linear_kernel
@@ -207,11 +208,13 @@ def _flop_fields(model, calls: _Calls, size: tuple[int, int]) -> tuple[dict[str,
     base = dense_flops(model, size, final_head_only=True) / 1e9
     alone = [run() for run in calls.dtop_singles]
     ratios_b1 = [float(forward_gflops(model, o)) / base for o in alone]
-    fields = {"gflops_dense": round(base, 3), "gflops_dtop": round(float(gflops.mean()), 3),
-              "flop_ratio": round(float(gflops.mean()) / base, 4),
-              "flop_ratio_batch1": round(statistics.mean(ratios_b1), 4),
+    fields = {"gflops_dense": base, "gflops_dtop": float(gflops.mean()), "flop_ratio": float(gflops.mean()) / base,
+              "flop_ratio_batch1": statistics.mean(ratios_b1),
               "exit_fractions": [round(float(f), 3) for f in out.exit_fractions()[:, :-1].sum(1)]}
     return fields, alone, ratios_b1
+
+
+_ROUND = {"gflops_dense": 3, "gflops_dtop": 3, "flop_ratio": 4, "flop_ratio_batch1": 4}
 
 
 def _measure_layout(calls: _Calls, device: torch.device, warmup: int, repeats: int, batch: int,
@@ -246,24 +249,28 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
     images = images.to(device)
     size = tuple(images.shape[-2:])
     saved_p0 = model.cfg.p0
-    if exit_fractions is not None:  # the override replaces the decisions; p0 < 1 makes them run
+    dtop_model = isinstance(model, DToPSegmentor)  # else a token-reduction alternative: no exits, no layouts
+    if exit_fractions is not None and dtop_model:  # the override replaces the decisions; p0 < 1 makes them run
         model.set_p0(0.5)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     calls = _Calls.make(model, images, batch, amp, exit_fractions)
     flops, alone, ratios_b1 = _flop_fields(model, calls, size)
     result: dict[str, Any] = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch, **flops,
+        "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch,
+        **{k: round(v, _ROUND[k]) if k in _ROUND else v for k, v in flops.items()},
         "threads": torch.get_num_threads(), "torch": torch.__version__, "layouts": {},
         "varlen_kernel": device.type == "cuda" and dtype != torch.float32 and varlen_kernel_available(),
     }
     result["peak_mem_dense_mb"] = round(peak_memory_mb(calls.dense_batch, device), 1)
     for layout in layouts:
-        model.set_layout(layout, bucket=bucket and layout == "padded")
+        if dtop_model:
+            model.set_layout(layout, bucket=bucket and layout == "padded")
         result["layouts"][layout] = _measure_layout(calls, device, warmup, repeats, batch, flops["flop_ratio"],
                                                     flops["flop_ratio_batch1"], alone, ratios_b1)
     model.force_exit = None
-    model.set_p0(saved_p0)
+    if dtop_model:
+        model.set_p0(saved_p0)
     main = result["layouts"][layouts[0]]
     result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
                                         "peak_mem_dtop_mb")})
@@ -277,14 +284,17 @@ def realised(time_ratio: float, flop_ratio: float) -> float:
     return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
 
 
-def bench_model(args: argparse.Namespace) -> tuple[DToPSegmentor, Tensor, Optional[list[float]]]:
+def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[list[float]]]:
     """The model, the images and the forced exit fractions (None: the heads decide) the options ask for."""
     if args.checkpoint:
         if not args.images:
             raise ConfigError("--checkpoint needs --images DIR (real images to prune)")
         model = load_model(args.checkpoint)
-        if args.p0 is not None:
+        if args.p0 is not None and isinstance(model, DToPSegmentor):
             model.set_p0(args.p0)
+        elif args.p0 is not None:
+            print(f"dtop bench: warning: --p0 has no effect: {args.checkpoint} runs the {model.reducer.kind} token "
+                  f"reduction, not early exit", file=sys.stderr)
         return model, load_images(args.images, tuple(args.size), args.batch), None
     images = torch.randn(args.batch, 3, *args.size)
     n = args.batch

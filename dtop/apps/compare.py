@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, load_config, save_config
-from ..engine.common import build_dataset, progress_enabled, resolve_device
+from ..engine.common import experiment_dataset, progress_enabled, resolve_device
 from ..engine.evaluate import evaluate, write_results
 from ..engine.train import LAST, train
 from ..errors import ConfigError, unknown_name
@@ -87,7 +87,7 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
     """Evaluate the dense model and every method on the same validation images into ``out_dir/eval/<name>``;
     returns the table rows, dense first."""
     device = resolve_device(cfg.train.device)
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    dataset = experiment_dataset(cfg.data, cfg.data.val_split, train=False)
     rows: list[dict[str, Any]] = []
 
     def run(name: str, model, dense: bool, p0: Optional[float], method: str) -> None:

@@ -24,7 +24,7 @@ from ..data import EvalTransform, display_meta, image_files, read_image
 from ..engine.common import progress_enabled, resolve_device
 from ..engine.evaluate import predict
 from ..errors import InputError
-from ..models import load_model
+from ..models import DToPSegmentor, load_model
 from ..models.packed import use_linear_kernel
 from ..viz import colorize, exit_map_figure, overlay
 from .common import App, add_allocator, add_linear, set_allocator
@@ -75,8 +75,12 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     dev = resolve_device(device)
     model = load_model(checkpoint, dev).eval()
     use_linear_kernel(model, linear, dev)
-    if p0 is not None:
+    dtop_model = isinstance(model, DToPSegmentor)
+    if p0 is not None and dtop_model:
         model.set_p0(p0)
+    elif p0 is not None:
+        print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
+              f"reduction, not early exit", file=sys.stderr)
     colours, classes = display_meta(palette or cfg.data.name, model.num_classes)
     transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
                               mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
@@ -99,7 +103,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
         used.add(stem)
         p = predict_image(model, cfg, transform, rgb, dev)
         rows.append(write_image(path, stem, rgb, p, out_dir, colours, classes, names, alpha))
-    result = {"checkpoint": str(checkpoint), "p0": model.p0, "stages": names, "images": rows, "errors": errors,
+    result = {"checkpoint": str(checkpoint), "p0": model.p0 if dtop_model else None, "stages": names, "images": rows, "errors": errors,
               "config": cfg.to_dict()}
     _write_tables(out_dir, result)
     return result

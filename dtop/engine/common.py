@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataSection, ExperimentConfig
+from ..data import EvalTransform, TrainTransform, build_dataset
+from ..models import create_model
 
 
 @dataclass
@@ -69,16 +71,14 @@ def init_distributed(device_name: str) -> DistInfo:
     return info
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int):
-    from ..models import create_model
-
+def experiment_model(cfg: ExperimentConfig, num_classes: int):
+    """The model of an experiment config's ``model`` section, with the dataset's number of classes."""
     return create_model(cfg.model.preset, num_classes=num_classes, pretrained=cfg.model.pretrained,
                         **cfg.model.overrides)
 
 
-def build_dataset(data: DataSection, split: str, train: bool, **extra: Any):
-    """The configured dataset with its train or eval pipeline."""
-    from ..data import EvalTransform, TrainTransform, build_dataset as _build
+def experiment_dataset(data: DataSection, split: str, train: bool, **extra: Any):
+    """The dataset of an experiment config's ``data`` section, with its train or eval pipeline."""
 
     if train:
         transform = TrainTransform(crop_size=tuple(data.crop_size), scale=tuple(data.scale) if data.scale else None,
@@ -91,7 +91,7 @@ def build_dataset(data: DataSection, split: str, train: bool, **extra: Any):
         options = {**data.options, **data.val_options}
     if data.root is not None:
         options["root"] = data.root
-    return _build(data.name, split=split, transform=transform, **options, **extra)
+    return build_dataset(data.name, split=split, transform=transform, **options, **extra)
 
 
 def progress_enabled(dist_info: Optional[DistInfo] = None) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,6 +22,7 @@ from ..config import EvalSection, ExperimentConfig
 from ..flops import dense_flops, forward_gflops
 from ..models import DToPSegmentor, ReducedSegmentor, load_model
 from ..models.segmentor import upsample_scores
+from .common import experiment_dataset, progress_enabled, resolve_device
 
 
 @dataclass
@@ -175,8 +177,6 @@ def _pct(v: Tensor) -> Optional[float]:
 
 
 def versions() -> dict[str, str]:
-    import timm
-
     return {"dtop": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
 
@@ -225,11 +225,9 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     A checkpoint of a token-reduction alternative (or any checkpoint with ``reduction``, a
     :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
     of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``)."""
-    from .common import build_dataset, progress_enabled, resolve_device
-
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    dataset = experiment_dataset(cfg.data, cfg.data.val_split, train=False)
     models = {checkpoint: load_model(checkpoint, device, reduction)}
     variants: list[tuple[str, Optional[float], str]] = []
     if with_dense:

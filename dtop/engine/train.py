@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from ..checkpoint import check_and_load, load_checkpoint, read_file, save_atomic
 from ..config import ExperimentConfig, save_config
+from ..convert import load_into
 from ..errors import CheckpointError
 from ..models import DToPSegmentor
-from .common import DistInfo, build_dataset, build_model, init_distributed, progress_enabled, resolve_device
+from .common import DistInfo, experiment_dataset, experiment_model, init_distributed, progress_enabled, resolve_device
 from .losses import segmentation_loss
 
 LAST = "last.pt"
@@ -178,10 +179,13 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(tc.seed + dist_info.rank)
 
-    dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    model = build_model(cfg, dataset.num_classes)
-    if isinstance(model, DToPSegmentor):  # the alternatives of dtop compare train without early exit
-        model.set_p0(1.0 if tc.scheme == "dense" else tc.p0)
+    dataset = experiment_dataset(cfg.data, cfg.data.train_split, train=True)
+    model = experiment_model(cfg, dataset.num_classes)
+    p0 = 1.0 if tc.scheme == "dense" else tc.p0
+    if isinstance(model, DToPSegmentor):
+        model.set_p0(p0)
+    else:  # a token-reduction alternative has no early exit; its checkpoint still records the scheme's p0
+        model.cfg.p0 = p0
     ckpt_path = out_dir / LAST
     start_iter, state = _start(model, cfg, ckpt_path, resume, dist_info)
     model.to(device).train()
@@ -222,8 +226,6 @@ def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
         if dist_info.is_main and fresh:
             print(f"{path}: left at initialisation: {', '.join(fresh)}")
         return
-    from ..convert import load_into
-
     report = load_into(model, path)
     if dist_info.is_main and report.get("initialised"):
         print(f"{path}: converted; left at initialisation: {', '.join(report['initialised'])}")

@@ -41,7 +41,7 @@ from .canvas import Canvas
 from .config import SegmentorConfig
 from .heads import HEADS, HeadOutput, atm_scores
 from .layouts import PaddedTokens, check_layout, default_layout, to_layout
-from .outputs import SegmentationOutput
+from .outputs import SegmentationOutput, StageOutput  # noqa: F401  (StageOutput: its former home)
 
 ExitOverride = Callable[[int, Tensor, Tensor], Tensor]  # (stage, conf (B, L), valid (B, L)) -> exits (B, L)
 
