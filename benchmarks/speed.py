@@ -133,7 +133,7 @@ def main() -> None:
         "`max_memory_allocated` (weights included, so DToP's auxiliary heads add their weights there).", "",
         *table, "",
         "`--allocator keep` (the default of `dtop bench` and `dtop predict`) stops glibc from handing freed blocks "
-        "back to the OS after each forward and faulting them in again on the next (the 150-class 512x512 logits "
+        "back to the OS after each forward and faulting them in again on the next (the 150-class 512x512 score "
         "map alone is 157 MB; `tests/test_bench.py` checks that the faults stop). Dense batch 1 took "
         f"{_ms(runs_by_label, 'the same, C library', 'dense')} ms per image with the C library's defaults and "
         f"{_ms(runs_by_label, 'ViT-B/16 512, 8', 'dense')} ms with keep in this run; those two rows ran minutes "
@@ -150,8 +150,10 @@ def main() -> None:
         "Nothing leaving, two ways: with `--p0 1` no token can pass the threshold, so the forward skips the "
         "auxiliary heads (the issue's overhead case); with `--exit-fractions 0` the heads run and decide, and "
         "no token leaves (their FLOPs are in the FLOP ratio).", "",
-        f"The same ViT-B/16 per_image measurement in {len(main_runs)} separate processes (the first is the table's "
-        "row), to show the spread between runs on this machine:", "", *repeat_table, "",
+        (f"The same ViT-B/16 per_image measurement in {len(main_runs)} separate processes (the first is the "
+         "table's row), to show the spread between runs on this machine:" if len(main_runs) > 1 else
+         "The ViT-B/16 per_image measurement of the table (one run: `--runs 3` repeats it in separate processes "
+         "to show the spread between runs):"), "", *repeat_table, "",
         "Each image of the first run alone (batch 1, per_image); `python benchmarks/block_scaling.py` (its own "
         "section) separates the blocks' share of the loss from the fixed costs:", "", *per_image, "",
         "H200 rows come from `benchmarks/gpu_run.sh` on a lent H200 (torch 2.11, JSON in `benchmarks/results/`), "
