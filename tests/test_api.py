@@ -67,9 +67,11 @@ def test_deprecated_names_still_work_and_warn():
 def test_bench_json_keeps_the_old_layout_keys(capsys):
     assert main(["bench", "segvit_vit_t16", "--size", "32", "48", "--batch", "2", "--num-classes", "3",
                  "--warmup", "0", "--repeats", "1", "--paths", "per_image", "--json", "--allocator", "system"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
     assert list(r["layouts"]) == ["per_image"] and r["layout"] == "per_image"
     assert r["paths"] == r["layouts"] and r["path"] == r["layout"]
+    assert "--paths is deprecated; use --layouts" in captured.err
 
 
 def test_unknown_names_say_what_was_meant():

@@ -15,15 +15,15 @@ def _batch():
 
 @pytest.mark.parametrize("heads", list(HEAD_SETS))
 @pytest.mark.parametrize("cls_mode", CLS_MODES)
-@pytest.mark.parametrize("path,bucket", LAYOUTS)
-def test_layout_equals_per_image(heads, cls_mode, path, bucket):
+@pytest.mark.parametrize("layout,bucket", LAYOUTS)
+def test_layout_equals_per_image(heads, cls_mode, layout, bucket):
     model = tiny_model(HEAD_SETS[heads], cls_mode=cls_mode, topk=1)
     x = _batch()
     model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
     with torch.no_grad():
         model.set_layout("per_image")
         ref = model(x)
-        model.set_layout(path, bucket)
+        model.set_layout(layout, bucket)
         out = model(x)
     assert len(set(ref.tokens_per_block[:, -1].tolist())) > 1  # images kept different numbers of tokens
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
@@ -37,14 +37,14 @@ def test_layout_equals_per_image(heads, cls_mode, path, bucket):
         assert torch.equal(a.valid, b.valid)
 
 
-@pytest.mark.parametrize("path,bucket", LAYOUTS)
-def test_layouts_train_with_the_same_gradients(path, bucket):
+@pytest.mark.parametrize("layout,bucket", LAYOUTS)
+def test_layouts_train_with_the_same_gradients(layout, bucket):
     from dtop.engine import segmentation_loss
 
     x = _batch()
     label = torch.randint(0, 5, (4, 96, 128), generator=torch.Generator().manual_seed(0))
     grads = []
-    for p, b in (("per_image", False), (path, bucket)):
+    for p, b in (("per_image", False), (layout, bucket)):
         model = tiny_model(("atm", "linear", "mask"), cls_mode="segmenter", topk=1)
         model.set_p0(p0_at_quantile(model, x, 0.4))
         model.train().set_layout(p, b)
@@ -59,11 +59,11 @@ def test_image_with_every_token_gone_stays_finite():
     x = _batch()
     model.force_exit = lambda stage, conf, valid: valid & (torch.arange(4)[:, None] == 0)  # image 0: all leave
     model.set_p0(0.5)
-    for path, bucket in [("per_image", False)] + LAYOUTS:
-        model.set_layout(path, bucket)
+    for layout, bucket in [("per_image", False)] + LAYOUTS:
+        model.set_layout(layout, bucket)
         with torch.no_grad():
             out = model(x)
-        assert torch.isfinite(out.scores).all(), path
+        assert torch.isfinite(out.scores).all(), layout
         assert out.tokens_per_block[0, -1] == 0 and (out.exit_stage[0] == 0).all()
 
 

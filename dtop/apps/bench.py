@@ -318,9 +318,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--exit-fractions", type=float, nargs="+", default=None,
                     help="forced per-image fractions of tokens leaving at the first exit stage "
                          "(default: a spread 0.1 ... 0.7 across the batch)")
-    sp.add_argument("--layouts", "--paths", dest="layouts", nargs="+", choices=LAYOUTS[1:], default=None,
-                    help="token layouts to measure (default: all, the device's default first; --paths is a "
-                         "deprecated name of this option)")
+    sp.add_argument("--layouts", nargs="+", choices=LAYOUTS[1:], default=None,
+                    help="token layouts to measure (default: all, the device's default first)")
+    sp.add_argument("--paths", nargs="+", choices=LAYOUTS[1:], default=None, help="deprecated name of --layouts")
     sp.add_argument("--bucket", action="store_true", help="padded layout: bucket images by kept length")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -337,8 +337,10 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model, images, fractions = bench_model(args)
     linear = use_linear_kernel(model, args.linear, device)
+    if args.paths:
+        print("dtop bench: warning: --paths is deprecated; use --layouts", file=sys.stderr)
     first = default_layout(device)
-    layouts = args.layouts or [first] + [p for p in ("per_image", "packed", "padded") if p != first]
+    layouts = args.layouts or args.paths or [first] + [p for p in ("per_image", "packed", "padded") if p != first]
     result = run_bench(model, images, args.batch, layouts, device, getattr(torch, args.dtype), args.warmup,
                        args.repeats, fractions, bucket=args.bucket)
     result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear)
