@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import statistics
+import sys
 import time
 import weakref
 from contextlib import nullcontext
@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..data import IMAGE_SUFFIXES, EvalTransform, read_image
+from ..data.images import is_image_file
 from ..data.transforms import resize_image
 from ..engine.common import resolve_device
 from ..errors import ConfigError, InputError
@@ -159,7 +160,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
 def load_images(folder: str, size: tuple[int, int], limit: int, mean=(0.5,) * 3, std=(0.5,) * 3) -> Tensor:
     """Up to ``limit`` images of a folder (:func:`dtop.data.read_image`), resized to ``size`` and normalised
     -> (n, 3, H, W). InputError when the folder holds no image or one cannot be read."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in Path(folder).iterdir() if is_image_file(p))
     if not files:
         raise InputError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {folder}")
     normalise = EvalTransform(mean=mean, std=std)

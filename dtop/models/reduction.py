@@ -195,7 +195,6 @@ class ReducedSegmentor(Segmentor):
         B, P, S = x.shape[0], self.backbone.prefix_in_blocks, self.num_stages
         expand: Optional[Expand] = None
         tokens_per_block, head_tokens = [0] * self.backbone.depth, [0] * S
-        stage_of = {b: s for s, b in enumerate(self.stage_blocks)}
         stages: list[StageOutput] = []
         for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
             n = x.shape[1]
@@ -206,7 +205,7 @@ class ReducedSegmentor(Segmentor):
             else:
                 x = blk(x)
             tokens_per_block[i] = n
-            stage = stage_of.get(i)
+            stage = self.stage_of_block.get(i)
             if stage is not None and (stage == S - 1 or self.training):
                 head_tokens[stage] = x.shape[1] - P
                 stages.append(self._decode_stage(stage, x[:, P:], expand, grid))

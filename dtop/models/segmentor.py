@@ -81,6 +81,7 @@ class Segmentor(nn.Module):
         C = self.backbone.embed_dim
         self.heads = nn.ModuleList(HEADS[s.head](C, cfg.num_classes, **s.head_kwargs) for s in cfg.stages)
         self.stage_blocks = [s.block for s in cfg.stages]
+        self.stage_of_block = {b: s for s, b in enumerate(self.stage_blocks)}  # block index -> its stage head
         self.space = score_space([s.head for s in cfg.stages])
 
     @property
@@ -193,12 +194,11 @@ class DToPSegmentor(Segmentor):
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=x.device)
         tokens_per_block = torch.zeros(B, depth, dtype=torch.long, device=x.device)  # counts stay on the device
         head_tokens = torch.zeros(B, S, dtype=torch.long, device=x.device)
-        stage_of = {b: s for s, b in enumerate(self.stage_blocks)}
         stages = []
         for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
             tokens.run(blk)
             tokens_per_block[:, i] = tokens.counts()
-            stage = stage_of.get(i)
+            stage = self.stage_of_block.get(i)
             if stage is None or self.idle(stage):
                 continue
             out, pos, valid = tokens.decode(partial(self.decode, stage))
