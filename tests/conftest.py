@@ -9,18 +9,21 @@ from dtop.models import DToPSegmentor, SegmentorConfig, StageSpec
 from dtop.pruning import confidence
 
 TINY = dict(embed_dim=64, depth=4, num_heads=2)
+DINOV2_TINY = dict(backbone="vit_small_patch14_reg4_dinov2", img_size=56)  # patch 14, LayerScale, 4 registers
 HEAD_KWARGS = {"atm": {"dim": 32, "num_layers": 2}, "mask": {"dim": 64, "num_layers": 1}, "linear": {}}
 
 
 def tiny_model(heads=("atm", "atm", "atm"), blocks=(1, 2, 3), cls_mode="segvit", p0=1.0, num_classes=5,
-               final_norm=None, topk=5, seed=0) -> DToPSegmentor:
+               final_norm=None, topk=5, seed=0, backbone="vit_tiny_patch16_224", **backbone_kwargs) -> DToPSegmentor:
+    """A 4-block, 64-channel segmentor; ``backbone``/``backbone_kwargs`` swap the timm architecture
+    (DINOV2_TINY: patch 14, LayerScale, 4 register tokens)."""
     torch.manual_seed(seed)
     cfg = SegmentorConfig(
-        backbone="vit_tiny_patch16_224", num_classes=num_classes,
+        backbone=backbone, num_classes=num_classes,
         stages=[StageSpec(b, h, dict(HEAD_KWARGS[h])) for b, h in zip(blocks, heads)],
         p0=p0, topk=topk, cls_mode=cls_mode,
         final_norm=(cls_mode == "segmenter") if final_norm is None else final_norm,
-        backbone_kwargs=dict(TINY))
+        backbone_kwargs={**TINY, **backbone_kwargs})
     return DToPSegmentor(cfg).eval()
 
 

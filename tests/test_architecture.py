@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dtop"
 LAYERS = [
     {"dtop.errors", "dtop._version"},
     {"dtop.checkpoint", "dtop.config", "dtop.pruning", "dtop.data", "dtop.viz"},
+    {"dtop.weights"},
     {"dtop.models"},
     {"dtop.flops", "dtop.convert"},
     {"dtop.engine"},

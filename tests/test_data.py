@@ -417,3 +417,30 @@ def test_real_camvid():
     assert image.shape == (360, 480, 3) and label.shape == (360, 480)
     item = CamVid(CAMVID, "train", transform=TrainTransform((240, 320), scale=None, seed=0))[0]
     assert item["image"].shape == (3, 240, 320) and item["label"].shape == (240, 320)
+
+
+def test_train_crops_are_padded_to_whole_patches():
+    """A 240 x 320 crop for a patch-14 backbone is padded to 252 x 322 (ignore labels, zero image)."""
+    from dtop.data import TrainTransform
+
+    t = TrainTransform(crop_size=(240, 320), scale=None, ratio_range=None, photometric=False, flip_prob=0.0, seed=0)
+    t.size_divisor = 14
+    rgb = np.full((240, 320, 3), 200, np.uint8)
+    label = np.ones((240, 320), np.int64)
+    image, lab = t(rgb, label)
+    assert image.shape == (3, 252, 322) and lab.shape == (252, 322)
+    assert (lab[240:] == 255).all() and (lab[:, 320:] == 255).all() and (lab[:240, :320] == 1).all()
+    assert (image[:, 240:] == 0).all() and (image[:, :240, :320] != 0).all()
+
+
+def test_normalisation_defaults_to_the_backbones_own():
+    from dtop.config import load_config
+    from dtop.engine.common import normalisation
+
+    dinov2 = load_config(sets=["model.preset=segvit_dinov2_s14"])
+    assert normalisation(dinov2) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalisation(load_config(sets=["model.preset=segvit_vit_t16"])) == ((0.5,) * 3, (0.5,) * 3)
+    swapped = load_config(sets=["model.preset=segvit_vit_t16", "model.overrides={backbone: vit_small_patch14_dinov2}"])
+    assert normalisation(swapped)[0] == (0.485, 0.456, 0.406)
+    explicit = load_config(sets=["model.preset=segvit_dinov2_s14", "data.mean=[0.5, 0.5, 0.5]"])
+    assert normalisation(explicit) == ((0.5,) * 3, (0.229, 0.224, 0.225))

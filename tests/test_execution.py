@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import CLS_MODES, HEAD_SETS, gflops, images, p0_at_quantile, tiny_model
+from conftest import CLS_MODES, DINOV2_TINY, HEAD_SETS, gflops, images, p0_at_quantile, tiny_model
 from dtop.errors import ConfigError
 from dtop.models.layouts import BucketedTokens, PaddedTokens
 
@@ -82,3 +82,21 @@ def test_bucketing_groups_similar_lengths():
 def test_unknown_layout():
     with pytest.raises(ConfigError, match="unknown layout 'fast'"):
         tiny_model().set_layout("fast")
+
+
+@pytest.mark.parametrize("cls_mode", CLS_MODES)
+@pytest.mark.parametrize("layout,bucket", LAYOUTS)
+def test_dinov2_with_registers_layout_equals_per_image(cls_mode, layout, bucket):
+    """Patch 14, LayerScale, CLS + 4 registers (5 prefix tokens through the blocks in segmenter mode)."""
+    model = tiny_model(HEAD_SETS["mixed"], cls_mode=cls_mode, topk=1, **DINOV2_TINY)
+    x = torch.cat([images(1, 84, 112, seed=s) * (0.5 + s) for s in range(3)])
+    model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
+    with torch.no_grad():
+        model.set_layout("per_image")
+        ref = model(x)
+        model.set_layout(layout, bucket)
+        out = model(x)
+    assert (ref.exit_stage < 2).any()
+    torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.exit_stage, ref.exit_stage)
+    assert torch.equal(out.tokens_per_block, ref.tokens_per_block)

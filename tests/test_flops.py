@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dtop
-from conftest import CLS_MODES, HEAD_SETS, gflops, images, p0_at_quantile, tiny_model
+from conftest import CLS_MODES, DINOV2_TINY, HEAD_SETS, gflops, images, p0_at_quantile, tiny_model
 from dtop.flops import PAPER_TABLE, dense_flops, preset_gflops
 from dtop.models import set_fused_attn
 
@@ -49,14 +49,30 @@ def test_analytic_equals_fvcore(heads, cls_mode, pruned):
     assert round(gflops(model, out).item() * 1e9) == fvcore_count(model, x)
 
 
-@pytest.mark.parametrize("name", ["segvit_vit_t16", "segmenter_vit_t16"])
+@pytest.mark.parametrize("cls_mode", CLS_MODES)
+@pytest.mark.parametrize("pruned", [False, True])
+def test_dinov2_with_layerscale_and_registers_equals_fvcore(cls_mode, pruned):
+    """Patch 14, LayerScale and 4 register tokens (which run through the blocks in segmenter mode)."""
+    model = tiny_model(HEAD_SETS["mixed"], cls_mode=cls_mode, topk=1, **DINOV2_TINY)
+    assert model.backbone.num_prefix == 5 and model.backbone.patch_size == 14
+    x = images(1, 56, 84, seed=2)
+    if pruned:
+        model.set_p0([p0_at_quantile(model, x, 0.3), p0_at_quantile(model, x, 0.3, stage=1)])
+    with torch.no_grad():
+        out = model(x)
+    if pruned:
+        assert (out.exit_stage < 2).any()
+    assert round(gflops(model, out).item() * 1e9) == fvcore_count(model, x)
+
+
+@pytest.mark.parametrize("name", ["segvit_vit_t16", "segmenter_vit_t16", "segvit_dinov2_s14", "segmenter_dinov2_s14"])
 def test_presets_analytic_equals_fvcore(name):
     model = dtop.create_model(name, num_classes=7, p0=1.0).eval()
-    x = images(1, 48, 80)
+    x = images(1, 56, 84) if "dinov2" in name else images(1, 48, 80)
     with torch.no_grad():
         out = model(x)
     assert round(gflops(model, out).item() * 1e9) == fvcore_count(model, x)
-    assert round(gflops(model, out).item() * 1e9) == dense_flops(model, (48, 80), final_head_only=True)  # idle heads skipped
+    assert round(gflops(model, out).item() * 1e9) == dense_flops(model, tuple(x.shape[-2:]), final_head_only=True)  # idle heads skipped
 
 
 @pytest.mark.parametrize("name,crop,k,final_only,ref", PAPER_TABLE)

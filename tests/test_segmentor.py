@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import CLS_MODES, gflops, images, p0_at_quantile, stage_confidence, tiny_model
+from conftest import CLS_MODES, DINOV2_TINY, gflops, images, p0_at_quantile, stage_confidence, tiny_model
 from dtop.flops import dense_flops
 from dtop.pruning import confidence, gather_tokens
 
@@ -29,6 +29,17 @@ def test_no_pruning_equals_dense(head_set, cls_mode):
         train_out = model(x)
     assert (train_out.head_tokens == N).all() and len(train_out.stages) == 3
     torch.testing.assert_close(train_out.scores, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls_mode", CLS_MODES)
+def test_dinov2_with_registers_no_pruning_equals_dense(cls_mode):
+    model = tiny_model(("atm", "linear", "mask"), cls_mode=cls_mode, p0=1.0, **DINOV2_TINY)
+    x = images(2, 56, 84)
+    with torch.no_grad():
+        out = model(x)
+        dense = model.forward_dense(x)
+    torch.testing.assert_close(out.scores, dense, atol=1e-5, rtol=0)
+    assert (out.tokens_per_block == 4 * 6 + (5 if cls_mode == "segmenter" else 0)).all()
 
 
 def test_p0_above_one_and_per_stage_list_also_disable_pruning():

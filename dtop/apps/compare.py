@@ -87,7 +87,7 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
     """Evaluate the dense model and every method on the same validation images into ``out_dir/eval/<name>``;
     returns the table rows, dense first."""
     device = resolve_device(cfg.train.device)
-    dataset = experiment_dataset(cfg.data, cfg.data.val_split, train=False)
+    dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     rows: list[dict[str, Any]] = []
 
     def run(name: str, model, dense: bool, p0: Optional[float], method: str) -> None:

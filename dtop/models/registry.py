@@ -79,6 +79,44 @@ def segvit_vit_l16() -> SegmentorConfig:
     return _segvit("vit_large_patch16_384", [7, 15, 23], 512, p0=0.95)
 
 
+@register_preset
+def segvit_dinov2_s14() -> SegmentorConfig:
+    """SegViT (ATM heads) on DINOv2 ViT-S/14; pretrained="dinov2_s14_imgfocus" loads the weights dtop fetches."""
+    return _segvit("vit_small_patch14_dinov2", [5, 7, 11], 384)
+
+
+@register_preset
+def segvit_dinov2_s14_reg4() -> SegmentorConfig:
+    """SegViT on DINOv2 ViT-S/14 with 4 register tokens (dropped with CLS before the blocks)."""
+    return _segvit("vit_small_patch14_reg4_dinov2", [5, 7, 11], 384)
+
+
+@register_preset
+def segvit_dinov2_b14() -> SegmentorConfig:
+    return _segvit("vit_base_patch14_dinov2", [5, 7, 11], 384)
+
+
+@register_preset
+def segvit_dinov2_l14() -> SegmentorConfig:
+    return _segvit("vit_large_patch14_dinov2", [7, 15, 23], 512, p0=0.95)
+
+
+@register_preset
+def segmenter_dinov2_s14(aux_head: str = "atm") -> SegmentorConfig:
+    """Segmenter (mask transformer) on DINOv2 ViT-S/14: exits after blocks 5 and 7, final head after 11."""
+    return _segmenter("vit_small_patch14_dinov2", [5, 7], 11, 384, aux_head)
+
+
+@register_preset
+def segmenter_dinov2_b14(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_base_patch14_dinov2", [5, 7], 11, 384, aux_head)
+
+
+@register_preset
+def segmenter_dinov2_l14(aux_head: str = "atm") -> SegmentorConfig:
+    return _segmenter("vit_large_patch14_dinov2", [7, 15], 23, 512, aux_head, p0=0.95)
+
+
 def get_config(name: str, aux_head: Optional[str] = None, **overrides: Any) -> SegmentorConfig:
     """The preset's config with ``overrides`` (any :class:`SegmentorConfig` field) applied."""
     if name not in _PRESETS:
