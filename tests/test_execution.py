@@ -13,18 +13,23 @@ def _batch():
     return torch.cat([images(1, 96, 128, seed=s) * (0.5 + s) for s in range(4)])
 
 
-@pytest.mark.parametrize("heads", list(HEAD_SETS))
-@pytest.mark.parametrize("cls_mode", CLS_MODES)
-@pytest.mark.parametrize("layout,bucket", LAYOUTS)
-def test_layout_equals_per_image(heads, cls_mode, layout, bucket):
-    model = tiny_model(HEAD_SETS[heads], cls_mode=cls_mode, topk=1)
-    x = _batch()
+def per_image_and(model, x, layout, bucket):
+    """The outputs of the per-image layout and of ``layout`` on ``x``, thresholds set so images keep
+    different numbers of tokens."""
     model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
     with torch.no_grad():
         model.set_layout("per_image")
         ref = model(x)
         model.set_layout(layout, bucket)
-        out = model(x)
+        return ref, model(x)
+
+
+@pytest.mark.parametrize("heads", list(HEAD_SETS))
+@pytest.mark.parametrize("cls_mode", CLS_MODES)
+@pytest.mark.parametrize("layout,bucket", LAYOUTS)
+def test_layout_equals_per_image(heads, cls_mode, layout, bucket):
+    model = tiny_model(HEAD_SETS[heads], cls_mode=cls_mode, topk=1)
+    ref, out = per_image_and(model, _batch(), layout, bucket)
     assert len(set(ref.tokens_per_block[:, -1].tolist())) > 1  # images kept different numbers of tokens
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.canvas, ref.canvas, atol=1e-5, rtol=1e-5)
@@ -89,13 +94,8 @@ def test_unknown_layout():
 def test_dinov2_with_registers_layout_equals_per_image(cls_mode, layout, bucket):
     """Patch 14, LayerScale, CLS + 4 registers (5 prefix tokens through the blocks in segmenter mode)."""
     model = tiny_model(HEAD_SETS["mixed"], cls_mode=cls_mode, topk=1, **DINOV2_TINY)
-    x = torch.cat([images(1, 84, 112, seed=s) * (0.5 + s) for s in range(3)])
-    model.set_p0([p0_at_quantile(model, x, 0.4), p0_at_quantile(model, x, 0.5, stage=1)])
-    with torch.no_grad():
-        model.set_layout("per_image")
-        ref = model(x)
-        model.set_layout(layout, bucket)
-        out = model(x)
+    ref, out = per_image_and(model, torch.cat([images(1, 84, 112, seed=s) * (0.5 + s) for s in range(3)]),
+                             layout, bucket)
     assert (ref.exit_stage < 2).any()
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.exit_stage, ref.exit_stage)
