@@ -124,7 +124,8 @@ def main() -> None:
         + (f"; the {' and '.join(reused)} runs are those of `benchmarks/camvid.py --backbone dinov2` (same schedule)."
            if reused else "."),
         "",
-        "Command (run by `python benchmarks/compare_camvid.py`):",
+        f"Command (run by `python benchmarks/compare_camvid.py"
+        f"{' --backbone dinov2' if args.backbone == 'dinov2' else ''}`):",
         "",
         "```bash",
         shlex.join(["dtop", *cmd[3:]]),
