@@ -145,3 +145,10 @@ def test_config_values_are_checked_against_their_types():
                          ("train.p0=[0.9, x]", "train.p0: .* fits none of its types")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])
+
+
+def test_num_classes_of_the_wrong_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 1, got '11'"):
+        dtop.create_model("segvit_vit_t16", num_classes="11")
+    with pytest.raises(ConfigError, match="topk must be an integer"):
+        dtop.create_model("segvit_vit_t16", num_classes=3, topk=1.5)

@@ -1,6 +1,7 @@
 """The model config: one dataclass, dumped beside every checkpoint and result."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -110,8 +111,10 @@ class SegmentorConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first inconsistent setting."""
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) or self.num_classes < 1:
+            raise ConfigError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if not isinstance(self.topk, numbers.Integral) or isinstance(self.topk, bool):
+            raise ConfigError(f"topk must be an integer, got {self.topk!r}")
         if not self.stages:
             raise ConfigError("a model needs at least one stage head")
         blocks = [s.block for s in self.stages]
