@@ -242,6 +242,12 @@ PAPER_TABLE: list[tuple[str, int, int, bool, float]] = [
 ]
 
 
+def default_size(model) -> tuple[int, int]:
+    """512 x 512 rounded up to whole patches (518 x 518 for patch 14): the size ``dtop flops`` counts by default."""
+    p = model.backbone.patch_size
+    return (-(-512 // p) * p,) * 2
+
+
 def preset_gflops(name: str, size: Optional[tuple[int, int]], num_classes: int, final_head_only: bool = False,
                   **overrides) -> float:
     """GFLOPs of a preset without early exit (dense, or with a ``reduction`` override), built on the
@@ -249,5 +255,5 @@ def preset_gflops(name: str, size: Optional[tuple[int, int]], num_classes: int, 
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **overrides)
     if size is None:
-        size = (-(-512 // model.backbone.patch_size) * model.backbone.patch_size,) * 2
+        size = default_size(model)
     return static_flops(model, size, final_head_only) / 1e9

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from ..flops import PAPER_TABLE, preset_gflops
+from ..flops import PAPER_TABLE, default_size, preset_gflops
 from ..models import create_model, get_config, list_models
 from ..models.config import parse_reduction
 from .common import App
@@ -40,8 +40,7 @@ def run_flops(args: argparse.Namespace) -> None:
     spec = parse_reduction(args.reduction)
     if args.size is None:
         with torch.device("meta"):
-            patch = create_model(args.name, num_classes=args.num_classes).backbone.patch_size
-        args.size = [-(-512 // patch) * patch] * 2
+            args.size = list(default_size(create_model(args.name, num_classes=args.num_classes)))
     g = preset_gflops(args.name, tuple(args.size), args.num_classes, args.final_head_only, aux_head=args.aux_head,
                       reduction=spec)
     result = {"model": args.name, "size": list(args.size), "num_classes": args.num_classes,
