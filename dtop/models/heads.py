@@ -43,6 +43,21 @@ def atm_scores(presence: Tensor, mask_logits: Tensor) -> Tensor:
     return presence.softmax(dim=-1)[..., :1] * mask_logits.sigmoid()
 
 
+def masked_softmax(logits: Tensor, key_valid: Optional[Tensor] = None) -> Tensor:
+    """Attention weights: softmax of ``logits`` (B, h, Q, n) over the keys where ``key_valid`` (B, n) bool
+    (all keys when None) -> (B, h, Q, n), zero at the other keys.
+
+    An image with no valid key (every token of it has left) gets all-zero weights, so its attention output
+    is zero: the empty sum, what the image gives on its own with n = 0 keys. A fully masked softmax row
+    would be NaN (pytorch/pytorch#103749) in the forward and the gradients; here it never forms."""
+    if key_valid is None:
+        return logits.softmax(dim=-1)
+    has_key = key_valid.any(dim=1)  # (B,)
+    keys = key_valid | ~has_key[:, None]  # an image without keys: a finite softmax over its padding, zeroed below
+    weights = logits.masked_fill(~keys[:, None, None], float("-inf")).softmax(dim=-1)
+    return torch.where(has_key[:, None, None, None], weights, torch.zeros_like(weights))
+
+
 class QueryAttention(nn.Module):
     """Multi-head attention of queries over keys that also returns the pre-softmax logits averaged over heads."""
 
@@ -67,8 +82,7 @@ class QueryAttention(nn.Module):
         k = self.k(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
         v = self.v(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
         logits = (q * self.scale) @ k.transpose(-2, -1)
-        weights = logits if key_valid is None else logits.masked_fill(~key_valid[:, None, None], float("-inf"))
-        out = (weights.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, Q, d)
+        out = (masked_softmax(logits, key_valid) @ v).transpose(1, 2).reshape(B, Q, d)
         return self.proj(out), logits.mean(dim=1)
 
 

@@ -221,7 +221,9 @@ class PackedTokens:
         return cls(torch.cat(rows), torch.tensor([r.shape[0] for r in rows]), idx, P, N)
 
     def _cu(self) -> Tensor:
-        return F.pad(self.lengths.cumsum(0), (1, 0)).to(self.x.device)
+        """(S + 1,) cumulative lengths of the non-empty sequences: an image with no token left (possible
+        only without prefix tokens) has no query and no key, so it is left out of the attention."""
+        return F.pad(self.lengths[self.lengths > 0].cumsum(0), (1, 0)).to(self.x.device)
 
     def run(self, blk: nn.Module) -> None:
         if self.x.shape[0]:
