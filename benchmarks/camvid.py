@@ -109,7 +109,8 @@ def pretrained(args) -> None:
         steps = {
             "dense": DTOP + ["train", cfg, *common, "--set", f"out_dir={d}/dense",
                              "--set", f"train.iters={args.dense_iters or 250}"],
-            "dtop": DTOP + ["train", cfg, *common, *tune, "--set", "train.p0=0.9", "--set", f"out_dir={d}/dtop"],
+            "dtop": DTOP + ["train", cfg, *common, *tune, "--set", f"train.p0={args.finetune_p0}",
+                            "--set", f"out_dir={d}/dtop"],
             "control": DTOP + ["train", cfg, *common, *tune, "--set", "train.p0=1.0", "--set", f"out_dir={d}/control"],
             "eval": DTOP + ["eval", cfg, *common, "--checkpoint", f"{d}/dtop/last.pt", "--p0", *map(str, args.p0),
                             "--out", f"{d}/eval", "--dense-checkpoint", f"{d}/control/last.pt"],
@@ -132,6 +133,8 @@ def pretrained(args) -> None:
         "", f"Commands (run by `python benchmarks/camvid.py --backbone dinov2"
             f"{'' if args.dense_iters in (None, 250) else f' --dense-iters {args.dense_iters}'}"
             f"{'' if args.finetune_iters in (None, 80) else f' --finetune-iters {args.finetune_iters}'}"
+            f"{'' if args.finetune_p0 == 0.9 else f' --finetune-p0 {args.finetune_p0}'}"
+            f"{'' if args.p0 == [0.8, 0.9, 0.95] else ' --p0 ' + ' '.join(map(str, args.p0))}"
             f"{'' if str(out) == 'runs/camvid_dinov2' else f' --out {out}'}"
             f"{'' if args.heads == ['linear', 'atm'] else ' --heads ' + ' '.join(args.heads)}`):",
         "", "```bash", *commands, "```", "",
@@ -141,6 +144,8 @@ def pretrained(args) -> None:
         title += f", {args.dense_iters} dense iterations"
     if args.finetune_iters not in (None, 80):
         title += f", {args.finetune_iters} fine-tuning iterations"
+    if args.finetune_p0 != 0.9:
+        title += f", fine-tuned at p0 {args.finetune_p0}"
     replace_section(title, "\n".join(lines))
     print("\n".join(lines))
 
@@ -153,6 +158,8 @@ def main() -> None:
     ap.add_argument("--dense-iters", type=int, default=None, help="default 2000 (vit_t16), 250 (dinov2)")
     ap.add_argument("--finetune-iters", type=int, default=None, help="default 500 (vit_t16), 80 (dinov2)")
     ap.add_argument("--finetune-lr", type=float, default=5e-5, help="dinov2 fine-tuning lr (heads x10)")
+    ap.add_argument("--finetune-p0", type=float, default=0.9,
+                    help="dinov2: p0 of DToP @Finetune (evaluation sweeps --p0 on that model)")
     ap.add_argument("--heads", nargs="+", choices=["linear", "atm"], default=["linear", "atm"], help="dinov2 only")
     ap.add_argument("--no-fetch", action="store_true", help="dinov2: do not run `dtop weights fetch` first")
     ap.add_argument("--p0", type=float, nargs="+", default=[0.8, 0.9, 0.95])
