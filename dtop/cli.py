@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Optional, Sequence
 
+from tqdm import tqdm
+
 from .apps import bench, compare, demo, evaluate, info, predict, report, train, weights
 from .apps.common import App
-from .errors import DToPError
+from .errors import DToPError, Interrupted, deferred_interrupts, interrupts_raise
 
 APPS: list[App] = [info.MODELS, info.FLOPS, info.PAPER_TABLE_APP, train.APP, evaluate.APP, predict.APP, report.APP,
                    compare.APP, bench.APP, demo.APP, weights.APP]
@@ -31,15 +34,43 @@ def _last_line(message: str) -> str:
     return message
 
 
+def interrupted_line(command: str, argv: Sequence[str], exc: BaseException) -> str:
+    """The one line an interrupted command prints: the signal, what was done and where (the job's
+    :class:`~dtop.errors.Interrupted` says), and the command line that resumes (or reruns) it."""
+    exc = exc if isinstance(exc, Interrupted) else Interrupted.wrap(exc, "")
+    words = ["dtop", *argv, *(a for a in exc.resume if a not in argv)]
+    how = "resume" if exc.resume else "rerun"
+    return (f"dtop {command}: interrupted by {exc.signal_name}: {exc.done or 'stopped before it finished'}; "
+            f"{how}: {shlex.join(words)}")
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an interruption left open, so that its line starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; dtop's own errors end in one line on stderr and exit status 2 (others keep their
-    traceback). A command returns 1 when it finished but some inputs failed."""
+    traceback). A command returns 1 when it finished but some inputs failed. Ctrl-C (SIGINT) or SIGTERM
+    ends it with one line (:func:`interrupted_line`) and status 128 + the signal (130, 143)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except DToPError as e:
-        print(f"dtop {args.command}: error: {_last_line(str(e))}", file=sys.stderr)
-        return 2
+    with interrupts_raise():
+        try:
+            return args.run(args) or 0
+        except DToPError as e:
+            print(f"dtop {args.command}: error: {_last_line(str(e))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            status = getattr(e, "exit_status", 130)
+            try:
+                with deferred_interrupts():  # a second Ctrl-C does not cut the line short
+                    _close_progress_bars()
+                    print(interrupted_line(args.command, argv, e), file=sys.stderr, flush=True)
+            except KeyboardInterrupt:
+                pass
+            return status
 
 
 if __name__ == "__main__":

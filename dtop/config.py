@@ -26,7 +26,9 @@ class ModelSection:
 class DataSection:
     """Dataset (``dtop.data.DATASETS``), its options, and the train/eval pipelines. ``mean``/``std``
     (0..1 scale, RGB) default to the backbone's own normalisation from timm's pretrained config
-    (ImageNet's for DINOv2, 0.5 for the AugReg ViTs); :func:`dtop.engine.common.normalisation` resolves them."""
+    (ImageNet's for DINOv2, 0.5 for the AugReg ViTs); :func:`dtop.engine.common.normalisation` resolves them.
+    ``ignore_index``: the label id that means "ignore" in the label mapping, the loss and the metrics (255;
+    a dataset whose class ids reach it is refused: set it above the last class id, e.g. 65535)."""
 
     name: str = "synthetic"
     root: Optional[str] = None
@@ -43,6 +45,7 @@ class DataSection:
     std: Optional[list[float]] = None
     eval_scale: Optional[list[int]] = None
     num_workers: int = 2
+    ignore_index: int = 255  # the label id that means "ignore" (label files, loss, metrics); not a class id
 
 
 @dataclass
@@ -80,6 +83,19 @@ class EvalSection:
     p0: list[float] = field(default_factory=lambda: [0.9])
     max_images: Optional[int] = None
 
+    def check_windows(self) -> None:
+        """ConfigError unless window and stride are two positive integers (H, W) each and the stride does not
+        exceed the window (a larger stride leaves pixels between windows that no window predicts)."""
+        for name in ("window", "stride"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
+                raise ConfigError(f"eval.{name} must be two positive integers [H, W], got {v!r}")
+        if any(s > w for s, w in zip(self.stride, self.window)):
+            fix = [max(1, (2 * w) // 3) for w in self.window]
+            raise ConfigError(f"eval.stride {list(self.stride)} exceeds eval.window {list(self.window)}: pixels "
+                              f"between windows would get no prediction; use a stride <= the window, e.g. "
+                              f"eval.stride={fix} (two thirds of the window, as mmsegmentation's 512/341)")
+
 
 @dataclass
 class ExperimentConfig:
@@ -99,6 +115,8 @@ class ExperimentConfig:
             raise ConfigError("train.scheme=finetune needs train.init_checkpoint (a trained dense checkpoint)")
         if self.eval.mode not in ("whole", "slide"):
             raise ConfigError(f"eval.mode must be whole or slide, got {self.eval.mode!r}")
+        if self.eval.mode == "slide":
+            self.eval.check_windows()
         for name in ("iters", "batch_size", "grad_accum"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")

@@ -28,7 +28,6 @@ whether anything was approximated.
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_state_dict_file, unwrap_state_dict
+from .checkpoint import read_file, recorded_grids, resample_positions, source_grid, unwrap_state_dict
 from .errors import CheckpointError
 
 FORMATS = ("dtop", "segmenter", "mmseg_segmenter", "mmseg_segvit")
@@ -179,11 +178,12 @@ class _Conversion:
     """One conversion: fills ``out`` (our key -> tensor) and the report."""
 
     def __init__(self, state: dict[str, Tensor], model: nn.Module, fmt: str,
-                 src_grid: Optional[tuple[int, int]]) -> None:
+                 src_grid: Optional[tuple[int, int]], grids: Optional[dict[str, tuple[int, int]]] = None) -> None:
         self.state = state
         self.model = model
         self.fmt = fmt
         self.src_grid = src_grid
+        self.grids = grids or {}  # grids a dtop checkpoint records (or its model_config implies), by key
         self.own = model.state_dict()
         self.out: dict[str, Tensor] = {}
         self.origin: dict[str, str] = {}  # our key -> source key
@@ -279,13 +279,13 @@ class _Conversion:
 
     # ------------------------------------------------------------------ tensors
     def resample_pos_embed(self, ours: str, pos: Tensor) -> Tensor:
-        """Source position embeddings (1, prefix + h*w, C) -> the model's grid."""
-        from timm.layers import resample_abs_pos_embed
-
+        """Source position embeddings (1, prefix + rows*cols, C) -> the model's grid, resampled from their true
+        grid: ``src_grid``, else the one the dtop checkpoint records, else a square one. A non-square table of
+        unknown grid is a CheckpointError asking for ``src_grid`` (equal counts are not equal shapes: 15x20 and
+        20x15 both hold 300); a downsampling resampling is listed in ``lossy``."""
         if ours not in self.own:
             return pos
         vit = self.model.backbone.vit
-        target = self.own[ours]
         new_grid = tuple(int(g) for g in vit.patch_embed.grid_size)
         P_model = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
         if self.fmt == "dtop":
@@ -302,27 +302,14 @@ class _Conversion:
             pos = pos[:, P_src:]
             self.notes.append(f"{ours}: dropped the checkpoint's {P_src} prefix position(s) "
                               f"(the model adds no position embedding to its prefix tokens)")
-        n_src = pos.shape[1] - P_model
-        if self.src_grid is not None:
-            old_grid = (int(self.src_grid[0]), int(self.src_grid[1]))
-            if old_grid[0] * old_grid[1] != n_src:
-                raise CheckpointError(f"src_grid {old_grid} does not match the checkpoint's {n_src} "
-                                      f"position embeddings")
-        else:
-            side = math.isqrt(n_src)
-            if side * side != n_src:
-                if n_src == target.shape[1] - P_model:
-                    return pos  # same count as the model's grid: take it as that grid
-                raise CheckpointError(
-                    f"the checkpoint's {n_src} position embeddings are not a square grid; pass "
-                    f"src_grid=(rows, cols) of the image size it was trained at divided by the patch size")
-            old_grid = (side, side)
-        if old_grid == new_grid:
-            return pos
-        resampled = resample_abs_pos_embed(pos.float(), new_size=list(new_grid), old_size=list(old_grid),
-                                           num_prefix_tokens=P_model).to(pos.dtype)
-        self.resampled.append(f"{ours}: grid {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]}")
-        return resampled
+        grid = self.src_grid if self.src_grid is not None else self.grids.get(ours)
+        old_grid = source_grid(pos.shape[1] - P_model, grid, f"the checkpoint's {self.origin.get(ours, ours)}",
+                               "pass src_grid=(rows, cols) to load_into / convert_state_dict")
+        pos, what, lossy = resample_positions(pos, old_grid, new_grid, P_model, ours,
+                                              int(vit.patch_embed.patch_size[0]))
+        self.resampled += [what] if what else []
+        self.lossy += [lossy] if lossy else []
+        return pos
 
     def fix_qkv_biases(self) -> None:
         """Fused qkv biases the model's block lacks are folded (exactly for k and v), and missing
@@ -484,18 +471,21 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "a
     """Map a checkpoint's ``state`` to ``model``'s (a :class:`~dtop.DToPSegmentor`) parameter names.
 
     fmt: ``"auto"`` (:func:`detect_format`) or one of :data:`FORMATS`.
-    src_grid: the checkpoint's patch grid (rows, cols) when its position embeddings are not square.
+    src_grid: the checkpoint's patch grid (rows, cols) (training image size / patch size); needed when its
+    position table is not square and ``state`` does not record it. A full dtop checkpoint (``model`` with
+    ``pos_grid`` or ``model_config``) records it; its bare state dict does not.
 
     Returns ``(converted, report)``: ``converted`` holds our keys (fused q/k/v split where ours are
     separate, mmseg ``Linear`` projections transposed to Segmenter's matrices, the ATM query
-    reshaped to (1, K, d), position embeddings resampled to the model's grid); ``report`` has
+    reshaped to (1, K, d), position embeddings resampled from their grid to the model's); ``report`` has
     ``format``, ``converted`` (our keys), ``initialised`` (our key prefixes the checkpoint has
     nothing for, e.g. ``"heads.0."``: left at their initialisation), ``dropped`` (source keys not
     used: classifiers, loss buffers, unused heads, folded biases), ``heads`` (our head prefix ->
     source prefix), ``resampled``, ``folded``, ``lossy`` (approximations; a warning is issued too)
     and ``notes``. Raises :class:`CheckpointError` for unknown keys, weights the model has no place
-    for, and shape mismatches (naming the key and both shapes).
+    for, shape mismatches (naming the key and both shapes) and a non-square position table of unknown grid.
     """
+    grids = recorded_grids(state)
     state = unwrap_state_dict(dict(state), source="the checkpoint")
     if fmt == "auto":
         fmt = detect_format(state)
@@ -503,7 +493,7 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, fmt: str = "a
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose 'auto' or one of {', '.join(FORMATS)}")
     if not hasattr(model, "heads") or not hasattr(model, "backbone"):
         raise CheckpointError(f"convert_state_dict needs a DToPSegmentor, got {type(model).__name__}")
-    conv = _Conversion(state, model, fmt, src_grid)
+    conv = _Conversion(state, model, fmt, src_grid, grids)
     {"dtop": _map_dtop, "segmenter": _map_segmenter}.get(fmt, _map_mmseg)(conv)
     conv.fix_qkv_biases()
     conv.check()
@@ -518,15 +508,18 @@ def load_into(model: nn.Module, path_or_state: Union[str, Path, dict], fmt: str 
     """Read a checkpoint (path to ``.pth``/``.safetensors`` or an in-memory state dict), convert it
     with :func:`convert_state_dict` and load it into ``model``. Returns the conversion report.
 
+    ``src_grid``: see :func:`convert_state_dict`; position tables are resampled from their true grid and
+    lossy (downsampling) resamplings are listed in ``report["lossy"]`` with a warning.
     Every parameter of the model must come from the checkpoint, except those under
     ``report["initialised"]`` (heads the checkpoint lacks); otherwise a :class:`CheckpointError`
     lists the missing keys and nothing is loaded.
     """
     if isinstance(path_or_state, (str, Path)):
-        state = load_state_dict_file(path_or_state)
+        state = read_file(path_or_state)  # whole: a dtop checkpoint records its position grid beside the weights
         source = str(path_or_state)
+        unwrap_state_dict(state, source=source)  # an error naming the file if it holds no state dict
     elif isinstance(path_or_state, dict):
-        state = unwrap_state_dict(path_or_state, source="the checkpoint")
+        state = path_or_state
         source = "the state dict"
     else:
         raise CheckpointError(f"load_into takes a file path or a state dict, got {type(path_or_state).__name__}")

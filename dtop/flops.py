@@ -92,7 +92,9 @@ def segmentor_flops(model, size: tuple[int, int], tokens_per_block: Sequence[int
                     head_tokens: Sequence[int], reduced: bool = True) -> int:
     """FLOPs of one image's forward through ``model`` (a DToPSegmentor) at input ``size`` (H, W),
     given the tokens each block processed and the tokens each stage head decoded (``reduced=False``:
-    ignoring the model's token-reduction alternative, if it has one)."""
+    ignoring the model's token-reduction alternative, if it has one). InputError for a size that is not
+    whole patches (:func:`check_size`): the model refuses it too."""
+    check_size(model, size)
     bb = model.backbone
     vit = bb.vit
     H, W = size
@@ -133,7 +135,9 @@ def reduction_flops(model, grid: tuple[int, int], head_tokens: Sequence[int]) ->
 
 
 def reduced_counts(model, size: tuple[int, int], final_head_only: bool = False) -> tuple[list[int], list[int]]:
-    """Token counts of a model with a token-reduction alternative (same for every image)."""
+    """Token counts of a model with a token-reduction alternative (same for every image); InputError for a
+    size that is not whole patches (:func:`check_size`)."""
+    check_size(model, size)
     red, bb = model.reducer, model.backbone
     grid = (size[0] // bb.patch_size, size[1] // bb.patch_size)
     small = red.reduced_grid(grid)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dtop"
 # Layers, lowest first: a module may import its own package and any layer below it, never one above.
 LAYERS = [
     {"dtop.errors", "dtop._version"},
-    {"dtop.checkpoint", "dtop.config", "dtop.pruning", "dtop.data", "dtop.viz"},
+    {"dtop.checkpoint", "dtop.config", "dtop.jsonio", "dtop.pruning", "dtop.data", "dtop.viz"},
     {"dtop.weights"},
     {"dtop.models"},
     {"dtop.flops", "dtop.convert"},

@@ -10,7 +10,7 @@ measured alone.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
 import sys
 import time
@@ -30,7 +30,8 @@ from ..data.images import is_image_file
 from ..data.transforms import resize_image
 from ..engine.common import resolve_device
 from ..errors import ConfigError, InputError
-from ..flops import dense_flops, forward_gflops
+from ..flops import check_size, dense_flops, forward_gflops
+from ..jsonio import dumps
 from ..models import DToPSegmentor, Segmentor, create_model, load_model
 from ..models.blocks import varlen_kernel_available
 from ..models.layouts import LAYOUTS, default_layout
@@ -244,11 +245,15 @@ def _measure_layout(calls: _Calls, device: torch.device, warmup: int, repeats: i
 def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device: torch.device,
               dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5,
               exit_fractions: Optional[Sequence[float]] = None, bucket: bool = False) -> dict[str, Any]:
-    """Measure dense vs DToP in each of ``layouts``; ``images`` (n >= batch, 3, H, W). Returns the result dict
-    (``layouts``: one entry per layout; ``paths``/``path`` are deprecated aliases of ``layouts``/``layout``)."""
+    """Measure dense vs DToP in each of ``layouts``; ``images`` (n, 3, H, W), the mixed batch is the first
+    min(n, batch) of them (``result["batch"]``). Returns the result dict (``layouts``: one entry per layout;
+    ``paths``/``path`` are deprecated aliases of ``layouts``/``layout``). InputError for a size H x W that is
+    not whole patches, which the model refuses (:func:`dtop.flops.check_size`)."""
+    size = tuple(int(s) for s in images.shape[-2:])
+    check_size(model, size)
+    batch = min(batch, len(images))
     model.eval().to(device)
     images = images.to(device)
-    size = tuple(images.shape[-2:])
     saved_p0 = model.cfg.p0
     dtop_model = isinstance(model, DToPSegmentor)  # else a token-reduction alternative: no exits, no layouts
     if exit_fractions is not None and dtop_model:  # the override replaces the decisions; p0 < 1 makes them run
@@ -281,7 +286,8 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
 
 
 def realised(time_ratio: float, flop_ratio: float) -> float:
-    """Share of the FLOP saving that shows up as time saving: (1 - time ratio) / (1 - FLOP ratio)."""
+    """Share of the FLOP saving that shows up as time saving: (1 - time ratio) / (1 - FLOP ratio); NaN when there
+    is no FLOP saving (``null`` in ``--json``, ``n/a`` in the table)."""
     return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
 
 
@@ -296,7 +302,11 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
         elif args.p0 is not None:
             print(f"dtop bench: warning: --p0 has no effect: {args.checkpoint} runs the {model.reducer.kind} token "
                   f"reduction, not early exit", file=sys.stderr)
-        return model, load_images(args.images, tuple(args.size), args.batch), None
+        images = load_images(args.images, tuple(args.size), args.batch)
+        if len(images) < args.batch:
+            print(f"dtop bench: warning: {args.images} holds {len(images)} image(s), fewer than --batch {args.batch}: "
+                  f"the mixed batch has {len(images)}", file=sys.stderr)
+        return model, images, None
     images = torch.randn(args.batch, 3, *args.size)
     n = args.batch
     heads_decide = args.p0 is not None and args.exit_fractions is None  # the untrained heads, at this p0
@@ -346,9 +356,9 @@ def run(args: argparse.Namespace) -> None:
                        args.repeats, fractions, bucket=args.bucket)
     result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear)
     if args.json:
-        print(json.dumps(result))
+        print(dumps(result))
         return
-    print(f"{result['model']} at {args.size[0]}x{args.size[1]}, batch {args.batch}, {result['device']}, "
+    print(f"{result['model']} at {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, {result['device']}, "
           f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
           f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
@@ -356,8 +366,13 @@ def run(args: argparse.Namespace) -> None:
     print("| layout | time ratio b1 | time ratio mixed | realised b1 | realised mixed | peak MB |")
     print("|---|---|---|---|---|---|")
     for p, e in result["layouts"].items():
-        print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {e['realised_batch1']} | "
-              f"{e['realised_mixed']} | {e['peak_mem_dtop_mb']} |")
+        print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {_cell(e['realised_batch1'])} | "
+              f"{_cell(e['realised_mixed'])} | {e['peak_mem_dtop_mb']} |")
+
+
+def _cell(v: Any) -> str:
+    """A table cell: ``n/a`` for an undefined figure (None, NaN: no FLOP saving to realise)."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
 APP = App("bench", "wall-clock dense vs DToP: batch-1 latency, mixed-batch throughput, memory", add_arguments, run)

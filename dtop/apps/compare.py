@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,9 +22,10 @@ from typing import Any, Optional, Sequence
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, load_config, save_config
 from ..engine.common import experiment_dataset, progress_enabled, resolve_device
-from ..engine.evaluate import evaluate, write_results
+from ..engine.evaluate import evaluate, interrupted_evaluation, write_results
 from ..engine.train import LAST, train
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
+from ..jsonio import write_json
 from ..models import load_model
 from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
 from .common import App, add_set
@@ -76,7 +76,12 @@ def finetune_all(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, me
         if not _trained(run_dir / LAST, c.train.iters):
             if verbose:
                 print(f"== fine-tuning {m} for {c.train.iters} iterations -> {run_dir}", flush=True)
-            train(c, resume=(run_dir / LAST).is_file())
+            try:
+                train(c, resume=(run_dir / LAST).is_file())
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI; a rerun resumes from last.pt
+                finished = [k for k in checkpoints if k not in TRAINING_FREE]
+                raise Interrupted.wrap(e, f"fine-tuned {', '.join(finished) or 'no method yet'}; fine-tuning {m} "
+                                          f"{getattr(e, 'done', '') or 'stopped'} (a rerun resumes it)") from e
         checkpoints[m] = str(run_dir / LAST)
     return checkpoints
 
@@ -95,6 +100,10 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
                                       desc=name)
         metrics["checkpoint"] = checkpoints.get(method, dense_checkpoint)
         write_results(out_dir / "eval" / name, metrics, per_image, cfg)
+        if metrics["miou"] is None:
+            raise ConfigError(f"{name}: no labelled pixel in the {cfg.data.val_split} split, so mIoU is undefined "
+                              f"and nothing can be compared; check data.root, the label folder, label_mode, "
+                              f"reduce_zero_label and data.ignore_index")
         rows.append({"name": name, "method": method, "label": LABELS[method], "p0": p0,
                      "miou": metrics["miou"], "gflops": metrics["gflops"],
                      "trained": method not in TRAINING_FREE and method != "dense",
@@ -102,17 +111,22 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
         if verbose:
             print(f"{name}: mIoU {metrics['miou']:.2f}, GFLOPs {metrics['gflops']:.3f}", flush=True)
 
-    run("dense", load_model(dense_checkpoint, device), True, None, "dense")
-    for m in methods:
-        if m == "dense_ft":
-            run(m, load_model(checkpoints[m], device), True, None, m)
-        elif m == "dtop":
-            model = load_model(checkpoints[m], device)
-            for p in p0s:
-                model.set_p0(float(p))
-                run(f"dtop_p0_{p:g}", model, False, float(p), "dtop")
-        else:
-            run(m, load_model(checkpoints[m], device, reduction=specs[m]), False, None, m)
+    try:
+        run("dense", load_model(dense_checkpoint, device), True, None, "dense")
+        for m in methods:
+            if m == "dense_ft":
+                run(m, load_model(checkpoints[m], device), True, None, m)
+            elif m == "dtop":
+                model = load_model(checkpoints[m], device)
+                for p in p0s:
+                    model.set_p0(float(p))
+                    run(f"dtop_p0_{p:g}", model, False, float(p), "dtop")
+            else:
+                run(m, load_model(checkpoints[m], device, reduction=specs[m]), False, None, m)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI; the fine-tuned checkpoints stay
+        names = ["dense"] + [n for m in methods for n in ([f"dtop_p0_{p:g}" for p in p0s] if m == "dtop" else [m])]
+        raise interrupted_evaluation(e, [r["name"] for r in rows], names, out_dir / "eval",
+                                     after="compare.json not written; a rerun keeps the fine-tuning") from e
     return rows
 
 
@@ -142,9 +156,10 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
         r["miou_delta"] = round(r["miou"] - base["miou"], 3)
     result = {"dense_checkpoint": dense_checkpoint, "iters": cfg.train.iters, "p0": p0s,
               "reductions": {m: asdict(s) for m, s in specs.items()}, "rows": rows, "config": cfg.to_dict()}
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=1))
-    for n, kinds in ((1, TABLE1), (2, TABLE2)):
-        (out_dir / f"table{n}.md").write_text(comparison_table(rows, kinds) + "\n")
+    with deferred_interrupts():  # compare.json and its tables are written together
+        write_json(out_dir / "compare.json", result)
+        for n, kinds in ((1, TABLE1), (2, TABLE2)):
+            (out_dir / f"table{n}.md").write_text(comparison_table(rows, kinds) + "\n")
     return result
 
 

@@ -3,13 +3,13 @@ pruning ("@Finetune"), evaluate dense vs DToP at several p0, print and save the 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig, load_config, save_config
 from ..engine import run_evaluation, summary_table, train
+from ..jsonio import write_json
 from .common import App
 
 P0S = (0.8, 0.9, 0.95)
@@ -68,7 +68,7 @@ def run_demo(out_dir: str = "runs/demo", fast: bool = False) -> list[dict[str, A
     rows = run_evaluation(ft_cfg, str(ft_ckpt), P0S, with_dense=True, out_dir=out / "eval",
                           dense_checkpoint=str(dense_ckpt), verbose=False)
     save_config(ft_cfg, out / "config.yaml")
-    (out / "demo.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "demo.json", rows)
     print("\n" + summary_table(rows))
     print(f"\nfinished in {time.time() - t0:.0f} s. Outputs in {out}/: demo.json (this table), "
           f"eval/<variant>/metrics.json and per_image.csv, dense/ and dtop/ (checkpoints, configs, training logs)")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from ..flops import PAPER_TABLE, default_size, preset_gflops
+from ..jsonio import dumps
 from ..models import create_model, get_config, list_models
 from ..models.config import parse_reduction
 from .common import App
@@ -46,7 +46,7 @@ def run_flops(args: argparse.Namespace) -> None:
     result = {"model": args.name, "size": list(args.size), "num_classes": args.num_classes,
               "final_head_only": args.final_head_only, "reduction": args.reduction, "gflops": round(g, 4)}
     if args.json:
-        print(json.dumps(result))
+        print(dumps(result))
     else:
         heads = "final head only" if args.final_head_only else "all stage heads"
         what = f"with {args.reduction}" if args.reduction else "dense"
@@ -71,7 +71,7 @@ def add_json(sp: argparse.ArgumentParser) -> None:
 def run_paper_table(args: argparse.Namespace) -> None:
     rows = paper_table_rows()
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(dumps(rows, indent=1))
         return
     print("Dense GFLOPs of the paper's models (analytic count, fvcore convention), vs docs/method/flops.md\n")
     print(f"| {'model':18s} | heads counted   | crop | classes | GFLOPs | paper | diff   |")

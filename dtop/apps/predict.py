@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,9 +20,11 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..data import EvalTransform, display_meta, image_files, read_image
+from ..data.meta import trained_display_meta
 from ..engine.common import normalisation, progress_enabled, resolve_device
 from ..engine.evaluate import predict
-from ..errors import InputError
+from ..errors import InputError, Interrupted, deferred_interrupts
+from ..jsonio import write_json
 from ..models import DToPSegmentor, load_model
 from ..models.packed import use_linear_kernel
 from ..viz import colorize, exit_map_figure, overlay
@@ -69,9 +70,12 @@ def write_image(path: Path, stem: str, rgb: np.ndarray, p: dict[str, Any], out_d
 def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
                   palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
                   progress: bool = False, linear: str = "auto") -> dict[str, Any]:
-    """Run the checkpoint on every image; returns the ``predictions.json`` content.
+    """Run the checkpoint on every image; returns the ``predictions.json`` content. Ctrl-C (or SIGTERM under
+    the CLI): :class:`~dtop.errors.Interrupted`, the images done listed in a partial ``predictions.json``.
     ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`)."""
-    cfg = config_from_dict(load_checkpoint(checkpoint).get("config") or {})
+    state = load_checkpoint(checkpoint)
+    cfg, recorded = config_from_dict(state.get("config") or {}), state.get("dataset")
+    del state  # the weights are loaded again by load_model
     dev = resolve_device(device)
     model = load_model(checkpoint, dev).eval()
     use_linear_kernel(model, linear, dev)
@@ -81,7 +85,10 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     elif p0 is not None:
         print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
               f"reduction, not early exit", file=sys.stderr)
-    colours, classes = display_meta(palette or cfg.data.name, model.num_classes)
+    # --palette names a dataset; else the classes and colours recorded at training (or, in older
+    # checkpoints, the config's folder palette, else its dataset's table)
+    colours, classes = display_meta(palette, model.num_classes) if palette else \
+        trained_display_meta(cfg.to_dict()["data"], model.num_classes, recorded)
     mean, std = normalisation(cfg)
     transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
                               mean=mean, std=std)
@@ -91,27 +98,47 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names, rows, used = stage_names(model), [], set()
-    for path in tqdm(files, desc="predict", disable=not progress):
-        try:
-            rgb = read_image(path)
-        except InputError as e:
-            errors.append({"file": str(path), "error": str(e)})
-            _warn(str(e))
-            continue
-        stem = path.stem
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        p = predict_image(model, cfg, transform, rgb, dev)
-        rows.append(write_image(path, stem, rgb, p, out_dir, colours, classes, names, alpha))
     result = {"checkpoint": str(checkpoint), "p0": model.p0 if dtop_model else None, "stages": names, "images": rows, "errors": errors,
               "config": cfg.to_dict()}
-    _write_tables(out_dir, result)
+    try:
+        for path in tqdm(files, desc="predict", disable=not progress):
+            try:
+                rgb = read_image(path)
+            except InputError as e:
+                errors.append({"file": str(path), "error": str(e)})
+                _warn(str(e))
+                continue
+            stem = path.stem
+            while stem in used:
+                stem += "_"
+            used.add(stem)
+            p = predict_image(model, cfg, transform, rgb, dev)
+            with deferred_interrupts():  # an image's three PNGs and its row, or none of them
+                rows.append(write_image(path, stem, rgb, p, out_dir, colours, classes, names, alpha))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
+        raise _interrupted(e, out_dir, result, len(files)) from e
+    with deferred_interrupts():  # predictions.json and .csv together
+        _write_tables(out_dir, result)
     return result
 
 
+def _interrupted(exc: BaseException, out_dir: Path, result: dict[str, Any], total: int) -> Interrupted:
+    """The interruption ``exc`` with what was done: the images finished so far keep their PNGs and are
+    listed in ``predictions.json``/``.csv``, written with ``"interrupted": true`` (none finished: nothing)."""
+    done = len(result["images"])
+    if not done:
+        return Interrupted.wrap(exc, f"stopped at the first of {total} images; nothing written")
+    try:
+        with deferred_interrupts():  # a second signal waits for the tables
+            _write_tables(out_dir, {**result, "interrupted": True})
+    except KeyboardInterrupt:
+        pass
+    return Interrupted.wrap(exc, f"{done} of {total} images written to {out_dir}, listed in its predictions.json "
+                                 f"(partial, \"interrupted\": true)")
+
+
 def _write_tables(out_dir: Path, result: dict[str, Any]) -> None:
-    (out_dir / "predictions.json").write_text(json.dumps(result, indent=1))
+    write_json(out_dir / "predictions.json", result)
     rows = result["images"]
     with open(out_dir / "predictions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file"])

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from ..config import config_from_dict
-from ..data import denormalize, display_meta
+from ..data import denormalize
+from ..data.meta import trained_display_meta
 from ..engine.common import experiment_dataset, normalisation, resolve_device
 from ..engine.evaluate import predict
 from ..errors import ConfigError
@@ -73,6 +74,9 @@ def load_run(run_dir: Path) -> tuple[list[Variant], bool]:
         folder = base / r["name"]
         if not (folder / "metrics.json").is_file():
             raise ConfigError(f"{folder / 'metrics.json'} is missing: the run folder is incomplete")
+        if r.get("miou") is None:
+            raise ConfigError(f"{folder}: mIoU is undefined (the evaluation saw no labelled pixel), so there is "
+                              f"nothing to report; check the labels (label_mode, reduce_zero_label, data.ignore_index)")
         v = Variant(r["name"], r.get("method", ""), r.get("p0"), float(r["miou"]), float(r["gflops"]), folder)
         v.method = v.method or v.metrics.get("variant", "dtop")
         variants.append(v)
@@ -143,9 +147,11 @@ def comparison_figures(dense: Variant, dtop: Variant, out_dir: Path, num_images:
     figures, notes = [], []
     try:
         samples, model = figure1_samples(dense, dtop, num_images, device)
-        palette, _ = display_meta(dtop.metrics["config"]["data"]["name"], model.num_classes)
+        data = dtop.metrics["config"]["data"]  # the dataset's own colours (a folder dataset's palette too)
+        palette, _ = trained_display_meta(data, model.num_classes)
         figures.append(("Figure 1: where tokens exit, per image", figure1(
-            samples, palette, stage_names(model), out_dir / "figure1.png", dtop_label=f"DToP p0 {dtop.p0:g}"),
+            samples, palette, stage_names(model), out_dir / "figure1.png", dtop_label=f"DToP p0 {dtop.p0:g}",
+            ignore_index=data.get("ignore_index", 255)),
             "Images across the range of per-image GFLOPs savings (least saved at the top). Columns: image, "
             "ground truth, dense prediction, DToP prediction, and the stage at which each token left. "
             "Accuracy is category-agnostic pixel accuracy."))

@@ -1,7 +1,9 @@
 """The one image reader of dtop: datasets, ``dtop predict`` and ``dtop bench`` decode images here.
 
-``read_image(path)`` -> uint8 (H, W, 3) RGB; ``IMAGE_SUFFIXES``: what a folder of images is searched for;
-``image_files(inputs)``: the image files named or found in folders.
+``read_image(path)`` -> uint8 (H, W, 3) RGB as a viewer shows the file; ``open_displayed(path)``: the
+Pillow image with its EXIF orientation applied (labels are opened the same way, ``labels.py``);
+``IMAGE_SUFFIXES``: what a folder of images is searched for; ``image_files(inputs)``: the image files named
+or found in folders.
 """
 from __future__ import annotations
 
@@ -9,20 +11,69 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
 
+# Modes whose RGB is Pillow's own conversion: grey and 1-bit repeated, palette colours looked up, alpha
+# dropped (RGBa un-premultiplied first), CMYK / YCbCr / HSV / CIE LAB converted, RGBX's padding byte dropped.
+_PILLOW_RGB = ("RGB", "RGBX", "RGBA", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "HSV", "LAB")
+# 16-bit greyscale in any byte order: scaled 0..65535 -> 0..255 (value / 257, rounded).
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """uint8 (H, W, 3) RGB from any file Pillow decodes; InputError naming the file when it cannot be read."""
+
+def open_displayed(path: Union[str, Path], what: str = "image") -> Image.Image:
+    """The decoded Pillow image of ``path`` turned as a viewer shows it (EXIF Orientation applied with
+    ``ImageOps.exif_transpose``; width and height swapped for orientations 5-8); mode, palette and
+    transparency kept. InputError naming the file when Pillow cannot read it."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from e
+            im.load()  # pixels (and a PNG's trailing eXIf chunk) read: valid after the file is closed
+            ImageOps.exif_transpose(im, in_place=True)
+            return im
+    except _READ_ERRORS as e:
+        raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file as a viewer shows it (H, W: the displayed, EXIF-rotated size).
+
+    Every Pillow mode is decoded on purpose (:func:`to_rgb`): alpha (LA, RGBA, PA, P with transparency) is
+    DROPPED, not composited, as OpenCV's ``imread`` does, so the colour under transparent pixels is kept;
+    16-bit grey (I;16, I;16B, and I holding 0..65535, as 16-bit PGM/TIFF open) is scaled by /257, float
+    grey (F) in 0..1 by x255; 16-bit-per-channel RGB files are reduced to 8 bits by Pillow's decoder
+    (high byte). InputError naming the file: unreadable, a mode without a display convention (named), or
+    I / F values outside the range above."""
+    return to_rgb(open_displayed(path), path)
+
+
+def to_rgb(im: Image.Image, path: Union[str, Path] = "<image>") -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a decoded Pillow image, mode by mode (see :func:`read_image`); InputError naming
+    ``path`` and the mode for a mode without a display convention."""
+    if im.mode in _PILLOW_RGB:
+        straight = {"RGBa": "RGBA", "La": "LA"}.get(im.mode)  # premultiplied alpha: un-premultiply first
+        return np.asarray((im.convert(straight) if straight else im).convert("RGB"))
+    if im.mode in SIXTEEN_BIT or im.mode in ("I", "F"):
+        grey = _grey_to_uint8(np.asarray(im), im.mode, path)
+        return np.repeat(grey[..., None], 3, axis=2)
+    raise InputError(f"image {path} has Pillow mode {im.mode!r}, which dtop cannot show as RGB; "
+                     "save it as 8-bit RGB, greyscale or palette (e.g. PNG or JPEG)")
+
+
+def _grey_to_uint8(arr: np.ndarray, mode: str, path: Union[str, Path]) -> np.ndarray:
+    """uint8 (H, W) from 16-bit (I;16*, I) or float (F) grey: scaled by the range, never clipped."""
+    if mode == "F":
+        lo, hi, scale, kind = 0.0, 1.0, 255.0, "32-bit float greyscale (mode F), read as 0..1"
+    else:
+        lo, hi, scale, kind = 0, 65535, 1 / 257, f"high-bit-depth greyscale (mode {mode}), read as 16-bit 0..65535"
+    if arr.size and not (np.isfinite(arr).all() and arr.min() >= lo and arr.max() <= hi):
+        shown = f"{arr.min()}..{arr.max()}" if np.isfinite(arr).all() else "non-finite values"
+        raise InputError(f"image {path} is {kind}, but holds {shown}: no display range to scale it by; "
+                         "save it as 8-bit or 16-bit greyscale (or as float scaled to 0..1)")
+    return np.round(arr.astype(np.float64) * scale).astype(np.uint8)
 
 
 def is_image_file(path: Path) -> bool:

@@ -1,4 +1,9 @@
-"""Label files: class ids from single-channel PNGs, or colour masks mapped through a palette."""
+"""Label files: class ids read exactly from the modes users save, or colour masks mapped through a palette.
+
+``read_label_ids`` (``label_mode='ids'``) and ``read_label_rgb`` (``label_mode='rgb'``) open the file as a
+viewer shows it (EXIF orientation applied, :func:`dtop.data.images.open_displayed`) and give int64 (H, W).
+A file that could mean two things is refused with an InputError naming its Pillow mode and the fix.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,36 +13,91 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from .images import SIXTEEN_BIT, open_displayed
 from .meta import IGNORE_INDEX
+
+# Single-channel modes whose pixel values are the class ids as stored (P: the palette index).
+ID_MODES = ("L", "P", "1", "I") + SIXTEEN_BIT
+_ALPHA_MODES = ("LA", "PA", "RGBA")
+_IDS_HINT = "label_mode='ids' reads class ids from single-channel PNGs (L, P index, 1-bit, I;16)"
+_RGB_HINT = "label_mode='rgb' (with palette=[(r, g, b), ...], a folder dataset) reads colour masks"
+
+
+def _require_opaque(im: Image.Image, path: Path) -> None:
+    """InputError when the alpha channel of ``im`` (LA, PA, RGBA) is not 255 everywhere."""
+    alpha = np.asarray(im.getchannel("A"))
+    if (alpha != 255).any():
+        raise InputError(f"label {path} (mode {im.mode}) has an alpha channel that is not fully opaque "
+                         f"({int((alpha != 255).sum())} pixels): transparent pixels have no class; save the "
+                         f"label without alpha ({_IDS_HINT}; {_RGB_HINT})")
+
+
+def label_ids(im: Image.Image, path: Path) -> np.ndarray:
+    """int64 (H, W) class ids of a decoded label image (``label_mode='ids'``).
+
+    L, P (palette index = id, palette and transparency ignored), 1 (0/1), I;16* and I (exact, up to 65535
+    and beyond); LA / PA / RGB(A) whose alpha is fully opaque, the grey (or index) channel, RGB only when
+    R == G == B. InputError naming the mode: a colour RGB mask (set label_mode='rgb'), alpha that is not
+    opaque, float (F), negative ids, any other mode."""
+    mode = im.mode
+    if mode in _ALPHA_MODES:
+        _require_opaque(im, path)
+        im = im.convert("RGB") if mode == "RGBA" else im.getchannel(0)
+    if im.mode in ("RGB", "RGBX"):
+        rgb = np.asarray(im)[..., :3]
+        if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 0] == rgb[..., 2])).all():
+            raise InputError(f"label {path} is a colour image (mode {mode}) but label_mode is 'ids'; "
+                             f"{_RGB_HINT}")
+        return rgb[..., 0].astype(np.int64)
+    if im.mode not in ID_MODES:
+        kind = "32-bit float (mode F)" if mode == "F" else f"Pillow mode {mode}"
+        raise InputError(f"label {path} is {kind}, which holds no exact class ids: save it as an 8- or "
+                         f"16-bit PNG ({_IDS_HINT}; {_RGB_HINT})")
+    arr = np.asarray(im).astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise InputError(f"label {path} (mode {mode}) has negative values ({arr.min()}); class ids are >= 0 "
+                         "(255 = ignore)")
+    return arr
 
 
 def read_label_ids(path: Path) -> np.ndarray:
-    """int64 (H, W) ids from a single-channel (or palette-indexed, or grey RGB) PNG."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read label {path}: {e}") from e
-    if arr.ndim == 3:
-        if arr.shape[2] in (3, 4) and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
-            arr = arr[..., 0]
-        else:
-            raise InputError(f"label {path} is a colour image ({arr.shape[2]} channels); class-id labels must be "
-                             "single-channel PNGs (for colour masks use a folder dataset with label_mode='rgb')")
-    return arr.astype(np.int64)
+    """int64 (H, W) class ids from a label file (``label_mode='ids'``, see :func:`label_ids`); InputError
+    naming the file when it cannot be read or its mode is ambiguous."""
+    return label_ids(open_displayed(path, "label"), path)
 
 
-def read_label_rgb(path: Path, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """int64 (H, W) ids from an RGB colour mask: colour ``palette[k]`` -> k, any other colour -> 255."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB")).astype(np.int64)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read label {path}: {e}") from e
-    codes = (arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]
+def _colour_codes(im: Image.Image, path: Path) -> tuple[np.ndarray, bool]:
+    """int64 (H, W) colour codes ``r << 16 | g << 8 | b`` of a label image (-1: a grey value above 255), and
+    whether it was grey (value v read as colour (v, v, v)). P goes through its OWN palette."""
+    mode = im.mode
+    if mode in _ALPHA_MODES:
+        _require_opaque(im, path)
+    if mode in ("P", "PA", "RGB", "RGBX", "RGBA", "LA"):
+        rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2], mode == "LA"
+    if mode in ID_MODES:
+        grey = np.asarray(im.convert("L") if mode == "1" else im).astype(np.int64)
+        return np.where((grey >= 0) & (grey <= 255), grey * 0x010101, -1), True
+    raise InputError(f"label {path} has Pillow mode {mode}, which is neither class ids nor a colour mask; "
+                     f"save it as an RGB or palette PNG ({_RGB_HINT}; {_IDS_HINT})")
+
+
+def read_label_rgb(path: Path, palette: Sequence[Sequence[int]], ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """int64 (H, W) ids from a colour mask (``label_mode='rgb'``): colour ``palette[k]`` -> k, any other
+    colour -> ``ignore_index`` (255 by default). RGB, opaque RGBA, and P-mode files through their own
+    palette (its order may differ per file); a greyscale file (L, 1, I;16) only when every grey level is a
+    palette colour, else InputError (it probably holds class ids: set label_mode='ids'). InputError for
+    non-opaque alpha and other modes."""
+    codes, grey = _colour_codes(open_displayed(path, "label"), path)
     pal = np.asarray(palette, np.int64).reshape(-1, 3)
     pal_codes = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
     order = np.argsort(pal_codes, kind="stable")
     sorted_codes = pal_codes[order]
     pos = np.clip(np.searchsorted(sorted_codes, codes), 0, len(sorted_codes) - 1)
-    return np.where(sorted_codes[pos] == codes, order[pos], IGNORE_INDEX).astype(np.int64)
+    hit = sorted_codes[pos] == codes
+    if grey and not hit.all():
+        levels = [int(c) // 0x010101 if c >= 0 else ">255" for c in np.unique(codes[~hit])[:8]]
+        raise InputError(f"label {path} is greyscale but label_mode is 'rgb', and its grey levels "
+                         f"{', '.join(map(str, levels))} are no palette colour: if it holds class ids set "
+                         "label_mode='ids', else save it as an RGB colour mask")
+    return np.where(hit, order[pos], ignore_index).astype(np.int64)  # other colours: the ignore id

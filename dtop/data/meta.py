@@ -2,8 +2,10 @@
 
 The tables live in ``datasets.json`` beside this file. ``dataset_meta(name)`` returns a
 :class:`DatasetMeta`; ids index ``classes`` and ``palette`` after the dataset's label mapping
-(reduce-zero-label, CamVid's 11 -> 255, ...). 255 is ignore. Pascal Context 59 uses the ADE20K colours
-1..59, as mmsegmentation does; the synthetic scenes use Cityscapes colours.
+(reduce-zero-label, CamVid's 11 -> 255, ...). 255 is ignore (``data.ignore_index`` sets another). Pascal
+Context 59 uses the ADE20K colours 1..59, as mmsegmentation does; the synthetic scenes use Cityscapes colours.
+``folder_classes`` gives a folder dataset's names and colours from its options; ``trained_display_meta`` those
+of a trained model (``dtop predict``, figures).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -69,3 +71,75 @@ def display_meta(name: Optional[str], num_classes: int) -> tuple[list[tuple[int,
         if meta is not None and len(meta.palette) >= num_classes:
             return list(meta.palette[:num_classes]), list(meta.classes[:num_classes])
     return default_palette(num_classes), [str(k) for k in range(num_classes)]
+
+
+def _colours(palette: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    """``palette`` as (r, g, b) tuples of 0..255; ConfigError naming the first bad entry."""
+    out = []
+    for i, c in enumerate(palette):
+        ok = isinstance(c, (list, tuple)) and len(c) == 3 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+        if not ok:
+            raise ConfigError(f"palette[{i}] must be [r, g, b] with integers 0..255, got {c!r}")
+        out.append((int(c[0]), int(c[1]), int(c[2])))
+    return out
+
+
+def folder_classes(palette: Optional[Sequence[Sequence[int]]] = None, reduce_zero_label: bool = False,
+                   num_classes: Optional[int] = None, classes: Optional[Sequence[str]] = None
+                   ) -> tuple[tuple[str, ...], list[tuple[int, int, int]]]:
+    """Class names and colours of the K ids a folder dataset trains on (0..K-1), from its options.
+
+    ``palette`` lists the colours of the ids AS STORED in the label files, id 0's first; with
+    ``reduce_zero_label`` (stored 0 -> ignore, k -> k-1) its first entry is dropped, so ``palette[1:]``
+    colours the K classes, in both label modes. ``classes`` names the K classes; with reduce_zero_label and
+    a palette it may instead name every palette entry (its first name is then dropped too). ``num_classes``
+    is K. Without a palette the colours are :func:`default_palette`, without names ``class_<k>``.
+    ConfigError when the options disagree on K (naming each count and the rule) or give none.
+    """
+    drop = 1 if reduce_zero_label and palette is not None else 0
+    if drop and len(palette) < 2:
+        raise ConfigError("reduce_zero_label drops the palette's first colour (stored id 0 is ignored): the "
+                          "palette needs id 0's colour and at least one class colour")
+    colours = None if palette is None else _colours(palette)[drop:]
+    names = None if classes is None else [str(c) for c in classes]
+    if names is not None and drop and len(names) == len(palette):
+        names = names[1:]
+    counts = {key: n for key, n in (("classes", None if names is None else len(names)),
+                                    ("palette", None if colours is None else len(colours)),
+                                    ("num_classes", num_classes)) if n is not None}
+    if not counts:
+        raise ConfigError("a folder dataset needs classes=[...], num_classes=K or palette=[...]")
+    if len(set(counts.values())) > 1:
+        told = ", ".join(f"{key} gives {n}" for key, n in counts.items())
+        rule = (f" (with reduce_zero_label the palette lists the stored ids 0..K, id 0's colour first, and that "
+                f"first colour is dropped: {len(palette)} colours give {len(palette) - 1} classes)") if drop else ""
+        raise ConfigError(f"folder dataset: the options disagree on the number of classes: {told}{rule}; "
+                          "make them agree")
+    k = next(iter(counts.values()))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"a folder dataset needs at least one class, got {k!r}")
+    return (tuple(names) if names is not None else tuple(f"class_{i}" for i in range(k)),
+            colours if colours is not None else default_palette(int(k)))
+
+
+def trained_display_meta(data: Mapping[str, Any], num_classes: int, recorded: Optional[Mapping[str, Any]] = None
+                         ) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """Colours and class names of a model's ``num_classes`` outputs, as it was trained: ``recorded`` (a
+    checkpoint's ``"dataset"`` entry, :meth:`SegDataset.meta_record`) when it has that many classes; else a
+    folder dataset's own ``palette`` / ``classes`` options in ``data`` (a config's data section as a dict,
+    :func:`folder_classes`); else :func:`display_meta` of ``data["name"]`` (checkpoints from before the
+    record)."""
+    if recorded and len(recorded.get("palette") or []) == num_classes == len(recorded.get("classes") or []):
+        return _colours(recorded["palette"]), [str(c) for c in recorded["classes"]]
+    name = str(data.get("name") or "")
+    options = data.get("options") or {}
+    if name.lower() == "folder" and isinstance(options, Mapping):
+        try:
+            names, colours = folder_classes(options.get("palette"), bool(options.get("reduce_zero_label")),
+                                            options.get("num_classes"), options.get("classes"))
+        except (ConfigError, TypeError):
+            names, colours = (), []
+        if len(colours) == num_classes:
+            return colours, list(names)
+    return display_meta(name or None, num_classes)

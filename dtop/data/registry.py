@@ -20,16 +20,25 @@ DATASETS: dict[str, type] = {
 }
 
 
-def build_dataset(name: str, split: str = "train", transform: Optional[Transform] = None, **kwargs) -> SegDataset:
+def build_dataset(name: str, split: str = "train", transform: Optional[Transform] = None,
+                  ignore_index: Optional[int] = None, **kwargs) -> SegDataset:
     """``DATASETS[name](split=split, transform=transform, **kwargs)``; ConfigError for an unknown name or
-    options the dataset does not take (naming the ones it does)."""
+    options the dataset does not take (naming the ones it does). ``ignore_index`` (``data.ignore_index``;
+    None: the dataset's default, 255) is given to every dataset, also one whose constructor does not take it
+    (:meth:`SegDataset.set_ignore_index`)."""
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
         raise unknown_name("dataset", name, sorted(DATASETS))
     cls = DATASETS[key]
+    takes_ignore = "ignore_index" in inspect.signature(cls).parameters
+    if ignore_index is not None and takes_ignore:
+        kwargs["ignore_index"] = ignore_index
     try:
         inspect.signature(cls).bind(split=split, transform=transform, **kwargs)
     except TypeError as e:
         params = [p for p in inspect.signature(cls).parameters if p not in ("split", "transform")]
         raise ConfigError(f"dataset {key!r}: {e}; it takes {', '.join(params)}") from e
-    return cls(split=split, transform=transform, **kwargs)
+    dataset = cls(split=split, transform=transform, **kwargs)
+    if ignore_index is not None and not takes_ignore:
+        dataset.set_ignore_index(ignore_index)
+    return dataset

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..config import ExperimentConfig
 from ..data import EvalTransform, TrainTransform, build_dataset
+from ..errors import ConfigError
 from ..models import create_model
 from ..models.registry import get_config
 
@@ -94,14 +95,15 @@ def normalisation(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tuple[float
 
 def experiment_dataset(cfg: ExperimentConfig, split: str, train: bool, **extra: Any):
     """The dataset of an experiment config's ``data`` section, with its train or eval pipeline (normalised
-    with :func:`normalisation`)."""
+    with :func:`normalisation`) and ``data.ignore_index``. ConfigError when ``data.options`` also sets
+    ``ignore_index`` to another value."""
     data = cfg.data
     mean, std = normalisation(cfg)
 
     if train:
         transform = TrainTransform(crop_size=tuple(data.crop_size), scale=tuple(data.scale) if data.scale else None,
                                    ratio_range=tuple(data.ratio_range), cat_max_ratio=data.cat_max_ratio,
-                                   photometric=data.photometric, mean=mean, std=std)
+                                   photometric=data.photometric, mean=mean, std=std, ignore_index=data.ignore_index)
         options = dict(data.options)
     else:
         transform = EvalTransform(scale=tuple(data.eval_scale) if data.eval_scale else None,
@@ -109,7 +111,11 @@ def experiment_dataset(cfg: ExperimentConfig, split: str, train: bool, **extra: 
         options = {**data.options, **data.val_options}
     if data.root is not None:
         options["root"] = data.root
-    return build_dataset(data.name, split=split, transform=transform, **options, **extra)
+    if options.pop("ignore_index", data.ignore_index) != data.ignore_index:
+        raise ConfigError(f"the dataset options set ignore_index, data.ignore_index is {data.ignore_index}: "
+                          "set it once, as data.ignore_index")
+    return build_dataset(data.name, split=split, transform=transform, ignore_index=data.ignore_index,
+                         **options, **extra)
 
 
 def progress_enabled(dist_info: Optional[DistInfo] = None) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
 import warnings
@@ -19,7 +18,9 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..config import EvalSection, ExperimentConfig
+from ..errors import Interrupted, deferred_interrupts
 from ..flops import dense_flops, forward_gflops
+from ..jsonio import write_json
 from ..models import DToPSegmentor, ReducedSegmentor, load_model
 from ..models.segmentor import upsample_scores
 from .common import experiment_dataset, progress_enabled, resolve_device
@@ -56,9 +57,12 @@ class Prediction:
 
 
 def _windows(H: int, W: int, window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """mmseg-style sliding windows (y1, y2, x1, x2) covering an H x W image."""
+    """mmseg-style sliding windows (y1, y2, x1, x2) over an H x W image: every pixel lies in at least one
+    window, the last row and column of windows aligned to the far edges (mmsegmentation's slide_inference).
+    A stride larger than the window is taken as the window (:meth:`EvalSection.check_windows` refuses it
+    before this is reached)."""
     wh, ww = min(window[0], H), min(window[1], W)
-    sh, sw = stride
+    sh, sw = min(stride[0], wh), min(stride[1], ww)
     rows = max(H - wh + sh - 1, 0) // sh + 1
     cols = max(W - ww + sw - 1, 0) // sw + 1
     out = []
@@ -77,9 +81,12 @@ def _pad_to(x: Tensor, multiple: int) -> Tensor:
 
 @torch.no_grad()
 def predict(model, image: Tensor, ecfg: EvalSection, dense: bool = False, max_batch: int = 8) -> Prediction:
-    """Scores for one normalised image (3, H, W). ``dense`` runs the plain model (no auxiliary heads)."""
+    """Scores for one normalised image (3, H, W). ``dense`` runs the plain model (no auxiliary heads).
+    Slide mode: ConfigError for a window or stride that :meth:`EvalSection.check_windows` refuses."""
     H, W = image.shape[-2:]
     p = model.backbone.patch_size
+    if ecfg.mode == "slide":
+        ecfg.check_windows()
     boxes = [(0, H, 0, W)] if ecfg.mode == "whole" else _windows(H, W, ecfg.window, ecfg.stride)
     crops = torch.stack([_pad_to(image[:, y1:y2, x1:x2], p) for y1, y2, x1, x2 in boxes])
     K, S = model.num_classes, model.num_stages
@@ -111,15 +118,16 @@ def predict(model, image: Tensor, ecfg: EvalSection, dense: bool = False, max_ba
 
 
 def intersection_union(hist: Tensor) -> dict[str, Any]:
-    """Metrics from a (K, K) histogram hist[label, prediction]: IoU/Acc per class (NaN where the class
-    never occurs in labels or predictions), their nan-means, and overall pixel accuracy."""
+    """Metrics from a (K, K) histogram hist[label, prediction]: IoU per class (NaN where the class occurs
+    in neither labels nor predictions), Acc per class (NaN where it never occurs in labels), their nan-means,
+    and overall pixel accuracy; all NaN for an empty histogram (no labelled pixel)."""
     hist = hist.double()
     tp = hist.diag()
     union = hist.sum(0) + hist.sum(1) - tp
     iou = tp / union  # 0/0 -> NaN for absent classes
     acc = tp / hist.sum(1)
     return {"iou": iou, "acc": acc, "miou": float(torch.nanmean(iou)), "macc": float(torch.nanmean(acc)),
-            "aacc": float(tp.sum() / hist.sum().clamp_min(1))}
+            "aacc": float(tp.sum() / hist.sum())}
 
 
 def update_histogram(hist: Tensor, pred: Tensor, label: Tensor, ignore_index: int = 255) -> None:
@@ -130,7 +138,9 @@ def update_histogram(hist: Tensor, pred: Tensor, label: Tensor, ignore_index: in
 
 def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: bool = False,
              progress: bool = False, desc: str = "eval") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate ``model`` on ``dataset``; returns (metrics, per-image rows)."""
+    """Evaluate ``model`` on ``dataset``; returns (metrics, per-image rows). Percentages; None where a figure
+    is undefined (a class in neither labels nor predictions; every figure when no pixel is labelled, which
+    also warns: :func:`warn_unlabelled`)."""
     model.eval().to(device)
     K = model.num_classes
     if dataset.num_classes != K:
@@ -150,10 +160,12 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         exit_sum += pred_out.exit_fractions
         rows.append({"file": sample["name"], "gflops": round(pred_out.gflops, 4), "pixel_acc": round(acc, 5),
                      **{f"exit_s{s}": round(float(f), 5) for s, f in enumerate(pred_out.exit_fractions)}})
+    if n and not int(hist.sum()):
+        warn_unlabelled(dataset, n, desc)
     m = intersection_union(hist)
     names = list(getattr(dataset, "classes", [str(c) for c in range(K)]))
     metrics = {
-        "miou": round(100 * m["miou"], 3), "macc": round(100 * m["macc"], 3), "aacc": round(100 * m["aacc"], 3),
+        "miou": _pct(m["miou"]), "macc": _pct(m["macc"]), "aacc": _pct(m["aacc"]),
         "per_class_iou": {c: _pct(v) for c, v in zip(names, m["iou"])},
         "per_class_acc": {c: _pct(v) for c, v in zip(names, m["acc"])},
         "gflops": round(sum(r["gflops"] for r in rows) / max(1, len(rows)), 4),
@@ -164,6 +176,15 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
     return metrics, rows
 
 
+def warn_unlabelled(dataset, n: int, desc: str = "eval") -> None:
+    """A UserWarning that none of the ``n`` evaluated images has a labelled pixel (mIoU is undefined)."""
+    ignore = getattr(dataset, "ignore_index", 255)
+    warnings.warn(f"{desc}: no labelled pixel in {n} image(s): every label pixel is the ignore id {ignore}, so "
+                  f"mIoU, mAcc and aAcc are undefined (null in metrics.json). The labels are probably read "
+                  f"wrongly: check data.options label_mode (ids / rgb and its palette), reduce_zero_label, the "
+                  f"ignore id, and that the label folder holds this split's masks", UserWarning, stacklevel=3)
+
+
 def variant_kind(model, dense: bool) -> str:
     """``dense``, ``dtop``, or the name of the model's token-reduction alternative."""
     if dense:
@@ -171,7 +192,8 @@ def variant_kind(model, dense: bool) -> str:
     return model.reducer.kind if isinstance(model, ReducedSegmentor) else "dtop"
 
 
-def _pct(v: Tensor) -> Optional[float]:
+def _pct(v) -> Optional[float]:
+    """A fraction as a percentage rounded to 3 decimals; None where it is undefined (NaN)."""
     v = float(v)
     return None if math.isnan(v) else round(100 * v, 3)
 
@@ -191,24 +213,26 @@ def class_table(metrics: dict[str, Any]) -> str:
         iou, acc = metrics["per_class_iou"][n], metrics["per_class_acc"][n]
         out.append(f"| {n:>{width}} | {_fmt(iou)} | {_fmt(acc)} |")
     out.append(line)
-    out.append(f"aAcc {metrics['aacc']:.2f}  mIoU {metrics['miou']:.2f}  mAcc {metrics['macc']:.2f}  "
+    out.append(f"aAcc {_fmt(metrics['aacc'], 0)}  mIoU {_fmt(metrics['miou'], 0)}  mAcc {_fmt(metrics['macc'], 0)}  "
                f"GFLOPs {metrics['gflops']:.3f}  exits per stage {metrics['exit_fractions']}")
     return "\n".join(out)
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "  nan" if v is None else f"{v:5.2f}"
+def _fmt(v: Optional[float], width: int = 5) -> str:
+    """``v`` with 2 decimals, or ``n/a`` where it is undefined (None or NaN)."""
+    return f"{'n/a':>{width}}" if v is None or math.isnan(v) else f"{v:{width}.2f}"
 
 
 def write_results(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
-    """``metrics.json`` (with the resolved config and library versions) and ``per_image.csv``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps({**metrics, "config": cfg.to_dict(), "versions": versions()},
-                                                     indent=1))
-    with open(out_dir / "per_image.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file"])
-        writer.writeheader()
-        writer.writerows(rows)
+    """``metrics.json`` (with the resolved config and library versions) and ``per_image.csv``; a Ctrl-C or
+    SIGTERM meanwhile waits until both are written."""
+    with deferred_interrupts():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "metrics.json", {**metrics, "config": cfg.to_dict(), "versions": versions()})
+        with open(out_dir / "per_image.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file"])
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def eval_dir(checkpoint: str, out_dir: Optional[Path] = None) -> Path:
@@ -224,7 +248,8 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
 
     A checkpoint of a token-reduction alternative (or any checkpoint with ``reduction``, a
     :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
-    of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``)."""
+    of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``).
+    Ctrl-C (or SIGTERM under the CLI): :class:`~dtop.errors.Interrupted` naming the variants written."""
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
@@ -237,24 +262,41 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     else:
         variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
     summary: list[dict[str, Any]] = []
-    for name, p0, ckpt in variants:
-        model = models.get(ckpt) or load_model(ckpt, device)
-        models[ckpt] = model
-        if p0 is not None:
-            model.set_p0(p0)
-        metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
-                                 progress=progress_enabled(), desc=name)
-        metrics["checkpoint"] = str(ckpt)
-        write_results(out_dir / name, metrics, rows, cfg)
-        if verbose:
-            print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
-        summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
-                        "exit_fractions": metrics["exit_fractions"]})
+    try:
+        for name, p0, ckpt in variants:
+            model = models.get(ckpt) or load_model(ckpt, device)
+            models[ckpt] = model
+            if p0 is not None:
+                model.set_p0(p0)
+            metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
+                                     progress=progress_enabled(), desc=name)
+            metrics["checkpoint"] = str(ckpt)
+            write_results(out_dir / name, metrics, rows, cfg)
+            summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
+                            "exit_fractions": metrics["exit_fractions"]})
+            if verbose:
+                print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
+        raise interrupted_evaluation(e, [r["name"] for r in summary], [v[0] for v in variants], out_dir) from e
     base = summary[0]["gflops"] if with_dense else None
     for row in summary:
         row["reduction_pct"] = round(100 * (1 - row["gflops"] / base), 2) if base else None
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def interrupted_evaluation(exc: BaseException, finished: Sequence[str], names: Sequence[str], where: Path,
+                           after: str = "summary.json not written") -> Interrupted:
+    """The interruption ``exc`` of an evaluation of the variants ``names``, of which ``finished`` are written
+    (``where/<variant>/metrics.json``); ``after``: what the finished run would also have written."""
+    if len(finished) >= len(names):
+        return Interrupted.wrap(exc, f"all {len(names)} variants evaluated, in {where}/<variant>/; {after}")
+    now = names[len(finished)]
+    if not finished:
+        return Interrupted.wrap(exc, f"stopped while evaluating {now}, the first of {len(names)} variants; "
+                                     f"nothing written")
+    return Interrupted.wrap(exc, f"evaluated {len(finished)} of {len(names)} variants ({', '.join(finished)}), "
+                                 f"metrics in {where}/<variant>/metrics.json; {now} not finished, {after}")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -262,6 +304,6 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         red = "" if r.get("reduction_pct") is None else f"{r['reduction_pct']:.1f}%"
         exits = " / ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
-        out.append(f"| {r['name']} | {'' if r['p0'] is None else r['p0']} | {r['miou']:.2f} | {r['gflops']:.3f} | "
+        out.append(f"| {r['name']} | {'' if r['p0'] is None else r['p0']} | {_fmt(r['miou'], 0)} | {r['gflops']:.3f} | "
                    f"{red} | {exits} |")
     return "\n".join(out)

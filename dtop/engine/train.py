@@ -8,8 +8,8 @@ Schemes (``docs/method/training.md``): ``dense`` trains every stage head with p0
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from ..checkpoint import check_and_load, load_checkpoint, read_file, save_atomic
+from ..checkpoint import (check_and_load, load_checkpoint, position_grids, read_file, recorded_grids,
+                          save_atomic)
 from ..config import ExperimentConfig, save_config
 from ..convert import load_into
-from ..errors import CheckpointError
+from ..errors import INTERRUPT_SIGNALS, CheckpointError, Interrupted, deferred_interrupts, raise_interrupted
+from ..jsonio import dumps
 from ..models import DToPSegmentor
 from .common import (DistInfo, experiment_dataset, experiment_model, init_distributed, normalisation, progress_enabled,
                      resolve_device)
@@ -76,6 +78,8 @@ class _Run:
     device: torch.device
     use_amp: bool
     amp_dtype: torch.dtype
+    saved: int = -1  # the iteration of the last checkpoint this run wrote or resumed from
+    dataset_record: Optional[dict[str, Any]] = None  # classes, palette, ignore id of the ids trained on
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, model: nn.Module, device: torch.device, dist_info: DistInfo,
@@ -114,26 +118,43 @@ class _Run:
             with self.ddp_model.no_sync() if not sync else contextlib.nullcontext():
                 with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                     out = self.ddp_model(images)
-                loss, parts = segmentation_loss(out, labels)
+                loss, parts = segmentation_loss(out, labels, self.cfg.data.ignore_index)
                 if not math.isfinite(float(loss.detach())):
                     raise FloatingPointError(f"loss is {float(loss.detach())} at iteration {it}: {parts}")
                 self.scaler.scale(loss / tc.grad_accum).backward()
             total += float(loss.detach()) / tc.grad_accum
-        if tc.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with deferred_interrupts():  # the update and its schedule step go together or not at all
+            if tc.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         return total, parts
 
     def save(self, path: Path, done: int) -> None:
         """The atomic checkpoint after ``done`` iterations: weights, configs, optimiser, schedule, RNG."""
         save_atomic({"model": self.model.state_dict(), "model_config": self.model.cfg.to_dict(),
-                     "config": self.cfg.to_dict(), "iter": done, "optimizer": self.optimizer.state_dict(),
+                     "pos_grid": position_grids(self.model),
+                     "config": self.cfg.to_dict(), "dataset": self.dataset_record,  # what predict colours with
+                     "iter": done, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "rng": torch.get_rng_state()}, path)
+        self.saved = done
+
+    def completed(self) -> int:
+        """Iterations completed (resumed ones included): the schedule's step count, which advances with the
+        optimiser's update in one uninterruptible block."""
+        return int(self.scheduler.last_epoch)
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """A data worker ends quietly on SIGINT or SIGTERM (by a KeyboardInterrupt, torch's cue to end a worker):
+    after a Ctrl-C or ``kill`` of the whole process group the main process reports the interruption, not a
+    worker "killed by signal" (torch's own SIGTERM handler lets a signal from elsewhere than the parent kill it)."""
+    for s in INTERRUPT_SIGNALS:
+        signal.signal(s, raise_interrupted)
 
 
 def _loader(dataset, cfg: ExperimentConfig, dist_info: DistInfo, device: torch.device, start_iter: int):
@@ -142,7 +163,8 @@ def _loader(dataset, cfg: ExperimentConfig, dist_info: DistInfo, device: torch.d
     sampler = DistributedSampler(dataset, seed=tc.seed) if dist_info.world_size > 1 else RandomSampler(dataset)
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         drop_last=len(dataset) >= tc.batch_size * dist_info.world_size,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+                        worker_init_fn=_quiet_worker)
     return _batches(loader, sampler, epoch=start_iter)
 
 
@@ -152,7 +174,7 @@ def _start(model: nn.Module, cfg: ExperimentConfig, ckpt_path: Path, resume: boo
     ``train.init_checkpoint`` if set. CheckpointError when resuming without a checkpoint."""
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        check_and_load(model, state["model"], source=str(ckpt_path))
+        check_and_load(model, state["model"], source=str(ckpt_path), grids=recorded_grids(state))
         return int(state["iter"]), state
     if resume:
         raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to resume from")
@@ -164,7 +186,7 @@ def _start(model: nn.Module, cfg: ExperimentConfig, ckpt_path: Path, resume: boo
 def _log(log_file: Path, record: dict[str, Any], total: float, bar, dist_info: DistInfo, iters: int) -> None:
     """Append ``record`` to the JSON-lines log; show the loss on the bar, or print it without a terminal."""
     with open(log_file, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
     bar.set_postfix(loss=f"{total:.3f}")
     if not progress_enabled(dist_info):
         print(f"iter {record['iter']}/{iters} loss {total:.4f} lr {record['lr']:.2e} "
@@ -172,7 +194,9 @@ def _log(log_file: Path, record: dict[str, Any], total: float, bar, dist_info: D
 
 
 def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
-    """Train as configured; returns the path of the final checkpoint (``out_dir/last.pt``)."""
+    """Train as configured; returns the path of the final checkpoint (``out_dir/last.pt``). On Ctrl-C (or SIGTERM
+    under the CLI) it writes a checkpoint of the last completed iteration, then raises
+    :class:`~dtop.errors.Interrupted` saying so (``--resume`` continues)."""
     cfg.validate()
     tc = cfg.train
     dist_info = init_distributed(tc.device)
@@ -194,30 +218,55 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     start_iter, state = _start(model, cfg, ckpt_path, resume, dist_info)
     model.to(device).train()
     run = _Run.build(cfg, model, device, dist_info, state)
+    run.saved = start_iter if state is not None else -1
+    run.dataset_record = {"name": cfg.data.name, **dataset.meta_record()}
     batches = _loader(dataset, cfg, dist_info, device, start_iter)
 
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        with deferred_interrupts():
+            save_config(cfg, out_dir / "config.yaml")
     bar = tqdm(total=tc.iters, initial=start_iter, desc=f"train {tc.scheme}", disable=not progress_enabled(dist_info))
     t0 = time.time()
-    for it in range(start_iter, tc.iters):
-        total, parts = run.step(batches, it)
-        done = it + 1
-        bar.update(1)
-        if dist_info.is_main and (done % tc.log_interval == 0 or done == tc.iters):
-            record = {"iter": done, "loss": round(total, 5), "lr": run.optimizer.param_groups[0]["lr"],
-                      "s_per_iter": round((time.time() - t0) / (done - start_iter), 4), **parts}
-            _log(out_dir / "train_log.jsonl", record, total, bar, dist_info, tc.iters)
-        if done % tc.ckpt_interval == 0 or done == tc.iters:
-            if dist_info.is_main:
-                run.save(ckpt_path, done)
-            if dist_info.world_size > 1:
-                dist.barrier()
+    try:
+        for it in range(start_iter, tc.iters):
+            total, parts = run.step(batches, it)
+            done = it + 1
+            bar.update(1)
+            if dist_info.is_main and (done % tc.log_interval == 0 or done == tc.iters):
+                record = {"iter": done, "loss": round(total, 5), "lr": run.optimizer.param_groups[0]["lr"],
+                          "s_per_iter": round((time.time() - t0) / (done - start_iter), 4), **parts}
+                _log(out_dir / "train_log.jsonl", record, total, bar, dist_info, tc.iters)
+            if done % tc.ckpt_interval == 0 or done == tc.iters:
+                if dist_info.is_main:
+                    run.save(ckpt_path, done)
+                if dist_info.world_size > 1:
+                    dist.barrier()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI: save what is done, say how to resume
+        bar.close()
+        raise _interrupted(e, run, ckpt_path, dist_info) from e
     bar.close()
     if dist_info.world_size > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def _interrupted(exc: BaseException, run: _Run, ckpt_path: Path, dist_info: DistInfo) -> Interrupted:
+    """The interruption ``exc`` with what training had done: the main process first writes (atomically) a
+    checkpoint of the last completed iteration unless ``ckpt_path`` already holds it; a second signal
+    meanwhile waits for the write to finish."""
+    done, iters = run.completed(), run.cfg.train.iters
+    if done > max(run.saved, 0) and dist_info.is_main:
+        try:
+            with deferred_interrupts():
+                run.save(ckpt_path, done)
+        except KeyboardInterrupt:  # the held second signal: the checkpoint is written, stop as asked
+            pass
+    if run.saved < 0 and done == 0:
+        return Interrupted.wrap(exc, f"stopped before the first of {iters} iterations finished; "
+                                     f"no checkpoint written")
+    return Interrupted.wrap(exc, f"stopped after iteration {done} of {iters}; checkpoint of iteration "
+                                 f"{run.saved if dist_info.is_main else done}: {ckpt_path}", resume=["--resume"])
 
 
 def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
@@ -226,7 +275,7 @@ def _load_init(model: nn.Module, path: str, dist_info: DistInfo) -> None:
     raw = read_file(path)
     if isinstance(raw, dict) and "model_config" in raw and "model" in raw:
         # a dense checkpoint may lack the weights of a token-reduction alternative (the conv's)
-        fresh = check_and_load(model, raw["model"], source=path, may_miss=("reducer.",))
+        fresh = check_and_load(model, raw["model"], source=path, may_miss=("reducer.",), grids=recorded_grids(raw))
         if dist_info.is_main and fresh:
             print(f"{path}: left at initialisation: {', '.join(fresh)}")
         return

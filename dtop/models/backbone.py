@@ -6,13 +6,15 @@ position embeddings are interpolated to each input grid); dtop calls
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import timm
+import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_state_dict_file, check_and_load
+from ..checkpoint import check_and_load, downsampling, fit_position_tables, load_state_dict_file, position_grids
 from ..errors import CheckpointError, ConfigError, InputError, did_you_mean
 from ..weights import get_source, is_registered, list_weights, resolve
 
@@ -28,14 +30,23 @@ class ViTBackbone(nn.Module):
     pretrained: False, True (timm hub weights, needs network), the name of weights dtop fetches itself
     (``"dinov2_s14_imgfocus"``, :mod:`dtop.weights`; CheckpointError saying how to fetch them when absent)
     or a path to a local ``.pth``/``.safetensors`` file with timm ViT weights.
+    img_size: int or (H, W) in pixels; the position table has (H / patch) x (W / patch) positions.
+    pretrained_grid: (rows, cols) of the pretrained weights' position table (also taken from
+    ``model_kwargs["pretrained_grid"]``); needed only for a local file whose table is not square. The table
+    is resampled from that grid to this model's (timm's ``resample_abs_pos_embed``); a downsampled one
+    (e.g. weights trained at 512 px loaded at 384) warns and is listed in ``load_report["lossy"]``.
     Any timm plain ViT works: patch 14 or 16, LayerScale (``ls1``/``ls2``), CLS and register tokens
     (``vit_small_patch14_reg4_dinov2``: both are prefix tokens here).
     """
 
     def __init__(self, name: str, cls_mode: str = "segvit", pretrained: Union[bool, str, Path] = False,
-                 img_size: Optional[int] = None, drop_path_rate: float = 0.0,
-                 model_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 img_size: Union[int, tuple[int, int], None] = None, drop_path_rate: float = 0.0,
+                 model_kwargs: Optional[dict[str, Any]] = None,
+                 pretrained_grid: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
+        model_kwargs = dict(model_kwargs or {})
+        pretrained_grid = model_kwargs.pop("pretrained_grid", pretrained_grid)
+        self.load_report: dict[str, list[str]] = {"resampled": [], "lossy": []}
         if cls_mode not in CLS_MODES:
             raise ConfigError(f"cls_mode must be one of {CLS_MODES}, got {cls_mode!r}")
         if is_registered(pretrained):
@@ -50,7 +61,7 @@ class ViTBackbone(nn.Module):
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm model {name!r}; see timm.list_models('vit_*')")
         kwargs: dict[str, Any] = dict(num_classes=0, global_pool="", dynamic_img_size=True,
-                                      drop_path_rate=drop_path_rate, **(model_kwargs or {}))
+                                      drop_path_rate=drop_path_rate, **model_kwargs)
         if img_size is not None:
             kwargs["img_size"] = img_size
         try:
@@ -65,7 +76,9 @@ class ViTBackbone(nn.Module):
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
             raise ConfigError(f"timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)")
         if isinstance(pretrained, (str, Path)):
-            self.load_pretrained(pretrained)
+            self.load_pretrained(pretrained, pretrained_grid)
+        elif pretrained is True:
+            self._check_hub_grid()
         self.cls_mode = cls_mode
         self.patch_size = int(self.vit.patch_embed.patch_size[0])
         self.in_chans = int(self.vit.patch_embed.proj.in_channels)
@@ -89,16 +102,53 @@ class ViTBackbone(nn.Module):
         """timm's names of the parameters to leave without weight decay (position embedding, prefix tokens)."""
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
-    def load_pretrained(self, path: Union[str, Path]) -> None:
-        """Load timm ViT weights from a local file; classifier weights are ignored, position
-        embeddings resampled to this model's grid; any other mismatch is a CheckpointError."""
+    def load_pretrained(self, path: Union[str, Path], grid: Optional[tuple[int, int]] = None) -> None:
+        """Load timm ViT weights from a local file; classifier weights are ignored, the position table is
+        resampled from its grid (``grid`` = (rows, cols), else square) to this model's: CheckpointError for a
+        non-square table without ``grid`` (``pretrained_grid``) and for any other mismatch; a lossy
+        (downsampling) resampling warns. What was resampled is in ``self.load_report``."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = load_state_dict_file(path)
-        state = checkpoint_filter_fn(state, self.vit)
+        raw = load_state_dict_file(path)
+        table = raw.get("pos_embed")
+        if table is not None:  # timm's filter would guess a square grid: give it a table it leaves alone
+            table, raw = self._timm_layout_table(raw)
+        state = checkpoint_filter_fn(raw, self.vit)
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_dist."))
                  or k in self.vit.state_dict()}
-        check_and_load(self.vit, state, source=str(path))
+        if table is not None:
+            state["pos_embed"] = table
+        fix = "build the model with backbone_kwargs={'pretrained_grid': (rows, cols)}"
+        state, self.load_report = fit_position_tables(self.vit, state, {"pos_embed": grid} if grid else None,
+                                                      source=str(path), setting=fix)
+        check_and_load(self.vit, state, source=str(path), grids=position_grids(self.vit))  # fitted above
+
+    def _timm_layout_table(self, raw: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the file's position table in timm's layout, ``raw`` with a placeholder table of this model's
+        shape). Meta's DINOv2-with-registers files keep a CLS position that timm folds into the CLS token."""
+        pos = raw["pos_embed"]
+        own = self.vit.pos_embed.detach()
+        if "register_tokens" in raw and pos.dim() == 3:
+            return pos[:, 1:], {**raw, "pos_embed": torch.cat([pos[:, :1], torch.zeros_like(own)], 1)}
+        return pos, {**raw, "pos_embed": torch.zeros_like(own)}
+
+    def _check_hub_grid(self) -> None:
+        """timm resampled its hub weights from the size it trained at (``pretrained_cfg["input_size"]``);
+        a smaller grid on either side is lossy: warned and listed in ``self.load_report``."""
+        v = self.vit
+        size = (getattr(v, "pretrained_model_args", None) or {}).get("img_size") \
+            or (getattr(v, "pretrained_cfg", None) or {}).get("input_size", (None,))[-2:]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or None in size or v.pos_embed is None:
+            return
+        patch = int(v.patch_embed.patch_size[0])
+        old = (int(size[0]) // patch, int(size[1]) // patch)
+        new = (int(v.patch_embed.grid_size[0]), int(v.patch_embed.grid_size[1]))
+        what = f"pos_embed: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]}"
+        lossy = downsampling(what, old, new, patch)
+        self.load_report = {"resampled": [what] if old != new else [], "lossy": [lossy] if lossy else []}
+        if lossy:
+            warnings.warn(f"timm pretrained weights: {lossy}", stacklevel=3)
 
     def check_input(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..checkpoint import check_and_load, load_checkpoint
+from ..checkpoint import check_and_load, load_checkpoint, position_grids, recorded_grids
 from .config import ReductionSpec, SegmentorConfig
 from .reduction import ReducedSegmentor
 from .registry import get_config
@@ -37,9 +37,12 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     """Rebuild the segmentor of a dtop checkpoint from the model config saved beside its weights, and
     load them (CheckpointError listing what does not match). ``reduction`` applies a token-reduction
     alternative to the checkpoint's model: training-free for Expedite, pooling, sampling and shrunk
-    (which reuse the weights); a convolution absent from the checkpoint starts as its 2x2 average."""
+    (which reuse the weights); a convolution absent from the checkpoint starts as its 2x2 average.
+    The position table is taken on the grid the checkpoint records (``pos_grid``); one saved before grids were
+    recorded is on the grid of its own config, which rebuilt the model."""
     ckpt = load_checkpoint(path)
     extra = {"reduction": reduction} if reduction is not None else {}
     model = build_model(SegmentorConfig.from_dict({**ckpt["model_config"], "pretrained": False, **extra}))
-    check_and_load(model, ckpt["model"], source=str(path), may_miss=("reducer.",) if reduction is not None else ())
+    check_and_load(model, ckpt["model"], source=str(path), may_miss=("reducer.",) if reduction is not None else (),
+                   grids=recorded_grids(ckpt) or position_grids(model))
     return model.to(device)

