@@ -13,3 +13,5 @@ python3 -m dtop bench segvit_vit_b16 --size 512 512 --batch 32 --device cuda --d
   --exit-fractions 0.3 0.39 0.47 0.56 0.64 0.73 0.81 0.9 --layouts packed padded --json > "$OUT/bench_b16_bf16_b32.json"; cat "$OUT/bench_b16_bf16_b32.json"
 python3 -m dtop bench segvit_vit_b16 --size 512 512 --batch 8 --device cuda --dtype bfloat16 --warmup 5 --repeats 20 \
   --exit-fractions 0 --layouts packed padded --json > "$OUT/bench_b16_bf16_noexit.json"; cat "$OUT/bench_b16_bf16_noexit.json"
+python3 -m dtop bench segvit_vit_b16 --size 512 512 --device cuda --count-ops --count-batches 1 8 32 --json \
+  > "$OUT/opcount_b16.json"; cat "$OUT/opcount_b16.json"

@@ -178,9 +178,9 @@ def test_atm_head_batch_with_an_empty_image_matches_each_image_alone():
 
 
 def test_packed_attention_leaves_out_images_without_tokens():
-    t = PackedTokens(torch.randn(5, 8), torch.tensor([3, 0, 2]), [torch.arange(3), torch.arange(0), torch.arange(2)],
-                     0, 6)
-    assert t._cu().tolist() == [0, 3, 5]
+    img, slot = torch.tensor([0, 0, 0, 2, 2]), torch.tensor([0, 1, 2, 0, 1])
+    t = PackedTokens(torch.randn(5, 8), img, slot, torch.tensor([0, 1, 2, 0, 1]), [3, 0, 2], 0, 6)
+    assert t._cu.tolist() == [0, 3, 5]
 
 
 def test_atm_stages_after_a_linear_head_with_an_empty_image_train_finite():

@@ -29,6 +29,7 @@ from ..data import IMAGE_SUFFIXES, EvalTransform, read_image
 from ..data.images import is_image_file
 from ..data.transforms import resize_image
 from ..engine.common import resolve_device
+from ..engine.opcount import count_ops
 from ..errors import ConfigError, InputError
 from ..flops import check_size, dense_flops, forward_gflops
 from ..jsonio import dumps
@@ -315,6 +316,52 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
     return model, images, fractions
 
 
+def spread(n: int, lo: float = 0.3, hi: float = 0.9) -> list[float]:
+    """Per-image exit fractions evenly spread from ``lo`` to ``hi`` over a batch of ``n``."""
+    return [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
+
+
+def count_forward_ops(model: DToPSegmentor, size: tuple[int, int], batches: Sequence[int], layouts: Sequence[str],
+                      fractions: Optional[Sequence[float]] = None) -> dict[str, Any]:
+    """Dispatched operations, compute kernels and host syncs per forward (:mod:`dtop.engine.opcount`) of
+    the dense model, of DToP in each layout with forced exits at the first exit stage (``fractions``, default
+    a 0.3 ... 0.9 spread across each batch) and of DToP where nothing can leave (p0 1), at each batch size.
+    Random inputs on the model's device; the counts do not depend on the values."""
+    device = next(model.parameters()).device
+    p0, force, layout = list(model.p0), model.force_exit, model.layout
+    rows: dict[str, Any] = {}
+    try:
+        for B in batches:
+            x = torch.randn(B, 3, *size, device=device)
+            with torch.no_grad():
+                model.forward_dense(x)  # a warm-up: lazy one-time work is not part of a forward's count
+                row = {"dense": count_ops(lambda: model.forward_dense(x))[0].as_dict()}
+                model.set_p0(0.5)
+                model.force_exit = forced_exits(list(fractions) if fractions else spread(B))
+                for name in layouts:
+                    model.set_layout(name)
+                    row[name] = count_ops(lambda: model(x))[0].as_dict()
+                model.force_exit = None
+                model.set_p0(1.0)
+                row["p0_1"] = count_ops(lambda: model(x))[0].as_dict()
+            rows[str(B)] = row
+    finally:
+        model.set_p0(p0)
+        model.force_exit, model.layout = force, layout
+    return rows
+
+
+def print_op_counts(counts: dict[str, Any]) -> None:
+    """The ``--count-ops`` table: per batch and variant, ops / kernels / syncs and the ratio to dense."""
+    print("| batch | variant | ops | compute kernels | host syncs | ops vs dense | kernels vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for B, row in counts.items():
+        dense = row["dense"]
+        for name, c in row.items():
+            print(f"| {B} | {name} | {c['ops']} | {c['kernels']} | {c['syncs']} | "
+                  f"{c['ops'] / dense['ops']:.2f} | {c['kernels'] / dense['kernels']:.2f} |")
+
+
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name", nargs="?", default="segvit_vit_b16", help="preset (ignored with --checkpoint)")
     sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
@@ -338,6 +385,12 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks and heads (dynamic shapes) for dense and DToP alike")
+    sp.add_argument("--count-ops", action="store_true",
+                    help="count dispatched ops and host syncs per forward instead of timing (dense, each layout, "
+                         "p0 1) at each --count-batches size")
+    sp.add_argument("--count-batches", type=int, nargs="+", default=[1, 8, 32])
     add_allocator(sp)
     add_linear(sp)
 
@@ -347,19 +400,25 @@ def run(args: argparse.Namespace) -> None:
     kept = set_allocator(args)
     torch.manual_seed(0)
     model, images, fractions = bench_model(args)
-    linear = use_linear_kernel(model, args.linear, device)
+    linear = use_linear_kernel(model, "aten" if args.compile else args.linear, device)
+    if args.compile:
+        model.to(device).compile()  # dense and DToP share the compiled blocks: realised against compiled dense
     if args.paths:
         print("dtop bench: warning: --paths is deprecated; use --layouts", file=sys.stderr)
     first = default_layout(device)
     layouts = args.layouts or args.paths or [first] + [p for p in ("per_image", "packed", "padded") if p != first]
+    if args.count_ops:
+        return report_op_counts(args, model.to(device).eval(), layouts)
     result = run_bench(model, images, args.batch, layouts, device, getattr(torch, args.dtype), args.warmup,
                        args.repeats, fractions, bucket=args.bucket)
-    result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear)
+    result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear,
+                  compiled=bool(args.compile))
     if args.json:
         print(dumps(result))
         return
     print(f"{result['model']} at {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, {result['device']}, "
-          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}")
+          f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}"
+          f"{', compiled' if result['compiled'] else ''}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
           f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
     print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
@@ -368,6 +427,20 @@ def run(args: argparse.Namespace) -> None:
     for p, e in result["layouts"].items():
         print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {_cell(e['realised_batch1'])} | "
               f"{_cell(e['realised_mixed'])} | {e['peak_mem_dtop_mb']} |")
+
+
+def report_op_counts(args: argparse.Namespace, model, layouts: Sequence[str]) -> None:
+    if not isinstance(model, DToPSegmentor):
+        raise ConfigError("--count-ops counts DToP's early-exit forward; this model runs a token reduction")
+    use_linear_kernel(model, "aten")  # count torch's own linear, as a GPU runs it (no oneDNN weight packing)
+    counts = count_forward_ops(model, tuple(args.size), args.count_batches, layouts, args.exit_fractions)
+    result = {"model": args.checkpoint or args.name, "size": list(args.size), "counts": counts}
+    if args.json:
+        print(dumps(result))
+        return
+    print(f"{result['model']} at {args.size[0]}x{args.size[1]}: operations dispatched per forward (each compute "
+          f"kernel is a launch on CUDA), host syncs; forced exits at the first exit stage")
+    print_op_counts(counts)
 
 
 def _cell(v: Any) -> str:

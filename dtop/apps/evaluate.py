@@ -23,6 +23,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--reduction", default=None, metavar="KIND[,key=value...]",
                     help="evaluate the checkpoint with a token-reduction alternative instead of DToP "
                          "(e.g. expedite,block=5,cluster_scale=0.75: training-free)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
     sp.add_argument("--figures", action="store_true", help="also write the figures and report.html (dtop report)")
     add_set(sp)
 
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0
     rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out,
-                          dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction))
+                          dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction),
+                          compile=args.compile)
     print("\n" + summary_table(rows))
     if args.figures:
         print(f"report: {build_report(eval_dir(args.checkpoint, args.out), device=cfg.train.device)}")

@@ -42,9 +42,31 @@ def varlen_kernel_available() -> bool:
     return torch.cuda.is_available()
 
 
+@torch.library.custom_op("dtop::varlen_attention", mutates_args=())
+def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """The packed attention as one registered operator: one dispatched op (one launch on CUDA, where it is
+    torch's variable-length kernel in fp16/bf16), one opaque node with a fake implementation for
+    torch.compile. Elsewhere its body loops over the sequences (the fastest measured on CPU)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu32 = cu.to(torch.int32)
+        return varlen_attn(q, k, v, cu32, cu32, max_len, max_len)
+    return _attention_per_sequence(q, k, v, cu)
+
+
+@_varlen_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    return torch.empty_like(q)
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
     """Attention within each of the packed sequences (T, H, D) delimited by the cumulative lengths ``cu``
-    (S + 1,): torch's variable-length kernel on CUDA in fp16/bf16, one SDPA call per sequence elsewhere."""
+    (S + 1,): the registered operator ``dtop::varlen_attention`` for inference; with autograd on (training),
+    the same computation as differentiable torch calls (one SDPA call per sequence, or torch's
+    variable-length kernel on CUDA in fp16/bf16)."""
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _varlen_op(q, k, v, cu, max_len)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
         from torch.nn.attention.varlen import varlen_attn
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .outputs import StageOutput
@@ -23,15 +24,15 @@ from .outputs import StageOutput
 
 def write_tokens(canvas: Optional[Tensor], values: Tensor, pos: Tensor, valid: Tensor, N: int) -> Tensor:
     """Write ``values`` (B, K, L) at token positions ``pos`` (B, L) where ``valid`` into ``canvas`` (B, K, N)
-    (zeros when None). With autograd on, the write is out of place so earlier stage snapshots keep their
-    values; without it (inference) the canvas is written in place, so no stage copy stays in memory."""
+    (zeros when None); returns the new canvas (out of place, so earlier stage snapshots keep their values).
+    Two writes to one position keep one of them: the layouts never write a real position twice."""
+    B, K, _ = values.shape
     if canvas is None:
-        canvas = values.new_zeros(values.shape[0], values.shape[1], N)
-    elif torch.is_grad_enabled():
-        canvas = canvas.clone()
-    b, l = valid.nonzero(as_tuple=True)
-    canvas[b, :, pos[b, l]] = values[b, :, l].to(canvas.dtype)
-    return canvas
+        canvas = values.new_zeros(B, K, N)
+    # a fixed number of tensor ops and no host sync: invalid entries go to a padding column N, then dropped
+    index = torch.where(valid, pos, N)[:, None, :].expand(B, K, -1)
+    padded = F.pad(canvas, (0, 1))
+    return padded.scatter(2, index, values.to(canvas.dtype))[:, :, :N]
 
 
 class Canvas:
@@ -48,17 +49,22 @@ class Canvas:
         self.scores: Optional[Tensor] = None  # (B, K, N) in the model's score space
         self.native: dict[str, Tensor] = {}  # head kind ("atm", "logits") -> (B, K, N) in its own space
         self.coverage: dict[str, Tensor] = {}  # head kind -> (B, N) bool, tokens its canvas holds
-        self.exit_stage = torch.full((batch, self.N + 1), num_stages - 1, dtype=torch.long, device=device)
+        self._shape = (batch, self.N + 1, num_stages - 1, device)
+        self._exit_stage: Optional[Tensor] = None
         self.exited = False  # whether any token has left yet
 
-    def write(self, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Tensor,
-              valid: Tensor) -> StageOutput:
+    def write(self, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Optional[Tensor],
+              valid: Optional[Tensor]) -> StageOutput:
         """Write one stage head's output: ``values`` (B, K, L) in the score space and ``logits`` (B, K, L)
-        in the head's own space, at token positions ``pos`` (B, L) where ``valid`` (B, L); ``presence``
+        in the head's own space, at token positions ``pos`` (B, L) where ``valid`` (B, L) (both None: every
+        token in raster order, L = N); ``presence``
         (B, K, 2) for ATM heads. Returns the stage's view of the canvases (:class:`StageOutput`)."""
         B, h, w = values.shape[0], *self.grid
         # while no token has left, this head decoded every token in raster order: its output is the canvas
         self.scores = write_tokens(self.scores, values, pos, valid, self.N) if self.exited else values
+        if self.mixed and pos is None:  # every token, in raster order (the forward where nothing leaves)
+            pos = torch.arange(self.N, device=values.device).expand(B, self.N)
+            valid = torch.ones(B, self.N, dtype=torch.bool, device=values.device)
         if self.mixed:
             kind = "atm" if presence is not None else "logits"
             self.native[kind] = write_tokens(self.native.get(kind), logits, pos, valid, self.N)
@@ -66,9 +72,17 @@ class Canvas:
             self.coverage[kind] = self.coverage.get(kind, seen) | seen
             own, covered = self.native[kind], self.coverage[kind]
         else:  # one head kind: the canvas is in the heads' own space and covers every token
-            own, covered = self.scores, torch.ones(B, self.N, dtype=torch.bool, device=pos.device)
+            own, covered = self.scores, torch.ones(B, self.N, dtype=torch.bool, device=values.device)
         return StageOutput(self.scores.reshape(B, -1, h, w), presence, own.reshape(B, -1, h, w),
                            covered.reshape(B, h, w))
+
+    @property
+    def exit_stage(self) -> Tensor:
+        """(B, N + 1) long, made on first use (a forward where nothing leaves never needs it)."""
+        if self._exit_stage is None:
+            B, width, last, device = self._shape
+            self._exit_stage = torch.full((B, width), last, dtype=torch.long, device=device)
+        return self._exit_stage
 
     def mark_exits(self, stage: int, exits: Tensor, pos: Tensor) -> None:
         """Tokens at positions ``pos`` (B, L) where ``exits`` (B, L) left at ``stage``."""

@@ -93,9 +93,12 @@ class PaddedTokens:
         self.x = blk(self.x) if mask is None else blk(self.x, attn_mask=mask)
 
     def counts(self) -> Tensor:
-        if self.valid is None:
-            return torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
-        return self.valid.sum(1) + self.P
+        if getattr(self, "_counts", None) is None:  # computed once: the blocks do not change it
+            if self.valid is None:
+                self._counts = torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
+            else:
+                self._counts = self.valid.sum(1) + self.P
+        return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         valid = self.valid if self.valid is not None else torch.ones_like(self.pos, dtype=torch.bool)
@@ -190,7 +193,9 @@ class PerImageTokens:
         self.xs = [blk(x) if x.shape[1] else x for x in self.xs]
 
     def counts(self) -> Tensor:
-        return torch.tensor([x.shape[1] for x in self.xs])
+        if getattr(self, "_counts", None) is None:  # computed once: the blocks do not change it
+            self._counts = torch.tensor([x.shape[1] for x in self.xs])
+        return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         outs = [head(x[:, self.P:], None) for x in self.xs]
@@ -204,47 +209,74 @@ class PerImageTokens:
 
 
 class PackedTokens:
-    """All kept tokens of the batch in one (T, C) tensor, image after image (each image's prefix tokens
-    first); ``lengths`` (B,) per image, prefix included; ``idx`` the (n_b,) token positions per image."""
+    """All kept tokens of the batch in one (T, C) tensor, image after image (each image's prefix tokens first).
 
-    def __init__(self, x: Tensor, lengths: Tensor, idx: list[Tensor], P: int, N: int) -> None:
-        self.x, self.lengths, self.idx, self.P, self.N = x, lengths, idx, P, N
+    Every row carries its image ``img`` (T,), its ``slot`` (T,) within the image (prefix tokens first) and its
+    token position ``pos`` (T,) (prefix rows: ``N``); ``lengths`` (B host ints) per image, prefix included.
+    Built so that a GPU pays a fixed number of launches whatever the batch: per-token layers are one matmul
+    over T, attention is one registered operator (:func:`dtop.models.blocks.varlen_attention`), heads decode
+    all images at once from one scatter, and :meth:`prune` makes the layout's one host sync per exit stage
+    (the kept counts, to size the kept tensors)."""
+
+    def __init__(self, x: Tensor, img: Tensor, slot: Tensor, pos: Tensor, lengths: list[int], P: int,
+                 N: int) -> None:
+        self.x, self.img, self.slot, self.pos, self.lengths, self.P, self.N = x, img, slot, pos, lengths, P, N
+        dev = x.device
+        self._counts = torch.tensor(lengths, device=dev)
+        self._cu = F.pad(torch.tensor([n for n in lengths if n], device=dev).cumsum(0), (1, 0))
 
     @classmethod
     def from_padded(cls, t: PaddedTokens) -> "PackedTokens":
-        per = PerImageTokens.from_padded(t)
-        return cls.from_rows([x[0] for x in per.xs], per.idx, t.P, t.N)
+        """Pack a padded batch: the rows of ``t.x`` (B, P + L, C) that are prefix tokens or valid."""
+        B, W, C = t.x.shape
+        dev = t.x.device
+        img = torch.arange(B, device=dev).repeat_interleave(W, output_size=B * W)
+        slot = torch.arange(W, device=dev).repeat(B)
+        pos = torch.cat([torch.full((B, t.P), t.N, device=dev, dtype=t.pos.dtype), t.pos], dim=1).reshape(-1)
+        packed = cls(t.x.reshape(B * W, C), img, slot, pos, [W] * B, t.P, t.N)
+        if t.valid is None:
+            return packed
+        return packed._keep_rows(torch.cat([t.valid.new_ones(B, t.P), t.valid], dim=1).reshape(-1))
 
-    @classmethod
-    def from_rows(cls, rows: list[Tensor], idx: list[Tensor], P: int, N: int) -> "PackedTokens":
-        """From per-image (P + n_b, C) tensors."""
-        return cls(torch.cat(rows), torch.tensor([r.shape[0] for r in rows]), idx, P, N)
-
-    def _cu(self) -> Tensor:
-        """(S + 1,) cumulative lengths of the non-empty sequences: an image with no token left (possible
-        only without prefix tokens) has no query and no key, so it is left out of the attention."""
-        return F.pad(self.lengths[self.lengths > 0].cumsum(0), (1, 0)).to(self.x.device)
+    def _keep_rows(self, keep: Tensor) -> "PackedTokens":
+        """The rows where ``keep`` (T,) bool, in their order; one host sync (the per-image counts)."""
+        B = len(self.lengths)
+        counts = torch.zeros(B, dtype=torch.long, device=keep.device).index_add_(0, self.img, keep.long())
+        lengths = counts.tolist()
+        order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(lengths)]
+        img = self.img[order]
+        slot = torch.arange(len(order), device=keep.device) - (counts.cumsum(0) - counts)[img]
+        return PackedTokens(self.x[order], img, slot, self.pos[order], lengths, self.P, self.N)
 
     def run(self, blk: nn.Module) -> None:
         if self.x.shape[0]:
-            self.x = packed_block(blk, self.x, self._cu(), int(self.lengths.max()))
+            fn = getattr(blk, "dtop_packed_block", packed_block)  # compiled by Segmentor.compile, if it was
+            self.x = fn(blk, self.x, self._cu, max(self.lengths))
 
     def counts(self) -> Tensor:
-        return self.lengths.clone()
-
-    def _split(self) -> list[Tensor]:
-        return list(self.x.split(self.lengths.tolist()))
+        return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
-        pos, valid = pad_positions(self.idx, self.N)
-        L = pos.shape[1]
-        rows = [F.pad(r[self.P:], (0, 0, 0, L - (r.shape[0] - self.P))) for r in self._split()]
-        return head(torch.stack(rows), valid), pos, valid
+        B, W = len(self.lengths), max(self.lengths)
+        rows = self.x.new_zeros(B, W, self.x.shape[1]).index_put((self.img, self.slot), self.x)
+        pos = torch.full((B, W), self.N, dtype=self.pos.dtype, device=self.x.device)
+        pos = pos.index_put_((self.img, self.slot), self.pos)[:, self.P:]
+        valid = pos < self.N
+        return head(rows[:, self.P:], valid), pos, valid
 
     def prune(self, keep: Tensor) -> "PackedTokens":
-        kept = [keep[b, : len(idx)].nonzero(as_tuple=True)[0] for b, idx in enumerate(self.idx)]
-        rows = [gather_tokens(r[None], k, offset=self.P)[0] for r, k in zip(self._split(), kept)]
-        return PackedTokens.from_rows(rows, [idx[k] for idx, k in zip(self.idx, kept)], self.P, self.N)
+        col = (self.slot - self.P).clamp_min(0)
+        keep = F.pad(keep, (0, 1))  # a column for the prefix rows' index (and for images with none in play)
+        return self._keep_rows(torch.where(self.slot < self.P, True, keep[self.img, col]))
+
+
+def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = False) -> TokenLayout:
+    """The tokens in play after the ones where ``exits`` (B, L) (the columns of the last ``decode``) left, in
+    layout ``layout``. The first exit packs the full batch before pruning it (one host sync, in ``prune``);
+    the other layouts prune the padded batch and then convert it."""
+    if layout == "packed":
+        return to_layout(tokens, layout).prune(~exits)
+    return to_layout(tokens.prune(~exits), layout, bucket)
 
 
 def to_layout(tokens: TokenLayout, layout: str, bucket: bool = False) -> TokenLayout:

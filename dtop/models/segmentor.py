@@ -39,8 +39,9 @@ from ..pruning import confidence, select_exits
 from .backbone import ViTBackbone
 from .canvas import Canvas
 from .config import SegmentorConfig
+from .blocks import packed_block
 from .heads import HEADS, HeadOutput, atm_scores
-from .layouts import PaddedTokens, check_layout, default_layout, to_layout
+from .layouts import PaddedTokens, check_layout, default_layout, drop_exits
 from .outputs import SegmentationOutput, StageOutput  # noqa: F401  (StageOutput: its former home)
 
 ExitOverride = Callable[[int, Tensor, Tensor], Tensor]  # (stage, conf (B, L), valid (B, L)) -> exits (B, L)
@@ -117,12 +118,30 @@ class Segmentor(nn.Module):
         score = atm_scores(presence, canvas) if self.space == "atm" else canvas
         return upsample_scores(score.reshape(*score.shape[:2], *grid), size)
 
-    def forward_dense(self, images: Tensor) -> Tensor:
-        """The plain model: every block, final head on all tokens, no auxiliary head. -> (B, K, H, W)."""
+    def compile(self, *args, dynamic: bool = True, **kwargs) -> None:
+        """``torch.compile`` the parts, not the forward: every ViT block (its timm forward and, for the packed
+        layout, :func:`~dtop.models.blocks.packed_block` on it) and every stage head, with dynamic token
+        dimensions, so a new kept-token count reuses the compiled code instead of recompiling; the exit
+        bookkeeping between them stays eager (its host syncs would break a whole-forward graph anyway).
+        ``args``/``kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ...). In place; returns None, as
+        ``nn.Module.compile`` does."""
+        packed = torch.compile(packed_block, *args, dynamic=dynamic, **kwargs)
+        for blk in self.backbone.blocks:
+            blk.compile(*args, dynamic=dynamic, **kwargs)
+            blk.dtop_packed_block = packed  # read by the packed layout (layouts.PackedTokens.run)
+        for head in self.heads:
+            head.compile(*args, dynamic=dynamic, **kwargs)
+
+    def final_head(self, images: Tensor) -> tuple[HeadOutput, tuple[int, int]]:
+        """Every block up to the last stage on all tokens, then the final head: (its output, the token grid)."""
         x, grid = self.backbone.embed(images)
         for blk in self.backbone.blocks[: self.stage_blocks[-1] + 1]:
             x = blk(x)
-        out = self.decode(self.num_stages - 1, x[:, self.backbone.prefix_in_blocks:])
+        return self.decode(self.num_stages - 1, x[:, self.backbone.prefix_in_blocks:]), grid
+
+    def forward_dense(self, images: Tensor) -> Tensor:
+        """The plain model: every block, final head on all tokens, no auxiliary head. -> (B, K, H, W)."""
+        out, grid = self.final_head(images)
         return self.finalise(self.to_space(out), out.presence, grid, tuple(images.shape[-2:]))
 
 
@@ -173,9 +192,10 @@ class DToPSegmentor(Segmentor):
         """In eval, a non-final head where no token can leave is skipped: a later head overwrites all it writes."""
         return stage < self.num_stages - 1 and not self.training and self.p0[stage] >= 1.0
 
-    def decide_exits(self, stage: int, out: HeadOutput, valid: Tensor) -> Optional[Tensor]:
+    def decide_exits(self, stage: int, out: HeadOutput, valid: Tensor, check_any: bool = True) -> Optional[Tensor]:
         """Exit decisions after stage head ``stage`` (``docs/method/exit-rule.md``): (B, L) bool over the
-        columns of ``out`` (``valid`` (B, L) marks real tokens), or None when no token leaves here."""
+        columns of ``out`` (``valid`` (B, L) marks real tokens), or None when no token can leave here (and,
+        with ``check_any``, a host sync, when none does)."""
         if stage == self.num_stages - 1 or self.p0[stage] >= 1.0:
             return None
         with torch.no_grad():
@@ -183,32 +203,56 @@ class DToPSegmentor(Segmentor):
             exits = select_exits(conf, label, self.p0[stage], self.topk, valid, self.num_classes)
         if self.force_exit is not None:
             exits = self.force_exit(stage, conf, valid)
-        return exits if bool(exits.any()) else None
+        return exits if not check_any or bool(exits.any()) else None
+
+    def can_exit(self) -> bool:
+        """Whether a token can leave early in this forward (training runs every head; eval needs a p0 < 1)."""
+        return self.training or self.force_exit is not None or any(p < 1.0 for p in self.p0[:-1] or [1.0])
+
+    def forward_no_exit(self, images: Tensor) -> SegmentationOutput:
+        """The forward where nothing can leave (eval, every p0 >= 1): the dense forward and the bookkeeping
+        of every token finalised by the final head, built without per-block work (its dispatched operations
+        are the dense model's plus a constant few)."""
+        out, grid = self.final_head(images)
+        B, N, S, run = images.shape[0], grid[0] * grid[1], self.num_stages, self.stage_blocks[-1] + 1
+        scores = self.to_space(out)
+        canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=images.device)
+        stage = canvas.write(scores, out.logits, out.presence, None, None)
+        counts = torch.tensor([[N + self.backbone.prefix_in_blocks] * run + [0] * (self.backbone.depth - run)] * B)
+        head_tokens = torch.tensor([[0] * (S - 1) + [N]] * B)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return SegmentationOutput(
+            scores=self.finalise(canvas.scores, out.presence, grid, size), canvas=stage.canvas,
+            exit_stage=torch.full((B, *grid), S - 1, device=images.device), tokens_per_block=counts, head_tokens=head_tokens, image_size=size,
+            stages=[stage])
 
     def forward(self, images: Tensor) -> SegmentationOutput:
         """DToP forward. images (B, 3, H, W), H and W multiples of the patch size -> SegmentationOutput."""
+        if not self.can_exit():
+            return self.forward_no_exit(images)
         x, grid = self.backbone.embed(images)
         B, depth, S = x.shape[0], self.backbone.depth, self.num_stages
         layout = self.layout if self.layout != "auto" else default_layout(x.device)
         tokens = PaddedTokens.full(x, self.backbone.prefix_in_blocks, grid[0] * grid[1])
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=x.device)
-        tokens_per_block = torch.zeros(B, depth, dtype=torch.long, device=x.device)  # counts stay on the device
+        per_block: list[Tensor] = []  # each block's token counts, on the device (one tensor per layout)
         head_tokens = torch.zeros(B, S, dtype=torch.long, device=x.device)
         stages = []
         for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
             tokens.run(blk)
-            tokens_per_block[:, i] = tokens.counts()
+            per_block.append(tokens.counts())
             stage = self.stage_of_block.get(i)
             if stage is None or self.idle(stage):
                 continue
             out, pos, valid = tokens.decode(partial(self.decode, stage))
             head_tokens[:, stage] = valid.sum(1)
             stages.append(canvas.write(self.to_space(out), out.logits, out.presence, pos, valid))
-            exits = self.decide_exits(stage, out, valid)
+            exits = self.decide_exits(stage, out, valid, check_any=layout != "packed")
             if exits is not None:
                 canvas.mark_exits(stage, exits, pos)
-                tokens = to_layout(tokens.prune(~exits), layout, self.bucket)
+                tokens = drop_exits(tokens, exits, layout, self.bucket)
         del tokens, out, x  # free the token features before the full-resolution upsampling (peak memory)
+        tokens_per_block = F.pad(torch.stack(per_block, 1), (0, depth - len(per_block)))
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return SegmentationOutput(
             scores=self.finalise(canvas.scores, stages[-1].presence, grid, size),

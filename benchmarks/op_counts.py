@@ -1,0 +1,58 @@
+"""What a GPU pays for per forward, counted on this CPU: dispatched operations, compute kernels (each a
+launch on CUDA) and host synchronisations, for dense and DToP in each layout; writes its RESULTS.md section.
+
+    python benchmarks/op_counts.py [--model segvit_vit_b16] [--size 512 512] [--batches 1 8 32]
+
+One `dtop bench --count-ops` run (printed); forced exits spread 0.3 ... 0.9 across each batch at the first
+exit stage, and p0 1 (nothing can leave). Counted with a dispatch mode (dtop/engine/opcount.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import replace_section  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="segvit_vit_b16")
+    ap.add_argument("--size", nargs=2, default=["512", "512"])
+    ap.add_argument("--batches", nargs="+", default=["1", "8", "32"])
+    args = ap.parse_args()
+    cmd = ["dtop", "bench", args.model, "--size", *args.size, "--count-ops", "--count-batches", *args.batches]
+    print("+", shlex.join(cmd), flush=True)
+    out = subprocess.run([sys.executable, "-m", "dtop", *cmd[1:], "--json"], check=True, cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    counts = json.loads(out.strip().splitlines()[-1])["counts"]
+    lines = ["| batch | variant | ops | compute kernels | host syncs | ops vs dense | kernels vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for B, row in counts.items():
+        for name, c in row.items():
+            lines.append(f"| {B} | {name} | {c['ops']} | {c['kernels']} | {c['syncs']} "
+                         f"({', '.join(f'{k} {v}' for k, v in c['sync_ops'].items()) or '-'}) | "
+                         f"{c['ops'] / row['dense']['ops']:.2f} | {c['kernels'] / row['dense']['kernels']:.2f} |")
+    big = [b for b in counts if b != "1"]
+    growth = ""
+    if len(big) >= 2:
+        a, b = counts[big[0]]["packed"]["ops"], counts[big[-1]]["packed"]["ops"]
+        growth = f" The packed layout's count at batch {big[-1]} is {b / a:.3f}x its count at batch {big[0]}."
+    body = "\n".join([
+        f"Command: `{shlex.join(cmd)}` (printed by `python benchmarks/op_counts.py`). Per forward, no autograd, "
+        "torch's own linear (no oneDNN packing). `ops`: every aten operation dispatched; `compute kernels`: those "
+        "that are not views (each is one launch on CUDA); host syncs: `.item()`/`tolist()`/`.cpu()` and "
+        "data-dependent shapes (`nonzero`, ...); the two `cpu` syncs of every DToP forward are the output copies of "
+        "`tokens_per_block` and `head_tokens`. `p0_1`: DToP where nothing can leave. The registered "
+        "`dtop::varlen_attention` counts as one operation." + growth, "", *lines])
+    replace_section("Operations and host syncs per forward (what a GPU pays for)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

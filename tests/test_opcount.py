@@ -1,0 +1,82 @@
+"""What a GPU pays for, counted here: dispatched operations and host syncs (dtop.engine.opcount), and the
+packed layout's promise: launches that do not grow with the batch, one host sync per exit stage."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, tiny_model
+
+from dtop.apps.bench import count_forward_ops, forced_exits, spread
+from dtop.engine.opcount import count_ops
+
+
+def test_count_ops_counts_operations_and_each_kind_of_sync():
+    a, b = torch.ones(4), torch.arange(4)
+    assert count_ops(lambda: a + a)[0].as_dict() == {"ops": 1, "kernels": 1, "syncs": 0, "sync_ops": {}}
+    assert count_ops(lambda: a.view(2, 2))[0].kernels == 0  # a view launches nothing
+    for fn, name in [(lambda: a.sum().item(), "_local_scalar_dense"), (lambda: b.nonzero(), "nonzero"),
+                     (lambda: a.tolist(), "tolist"), (lambda: a.cpu(), "cpu"),
+                     (lambda: a.masked_select(a > 0), "masked_select"),
+                     (lambda: a.repeat_interleave(b), "repeat_interleave")]:
+        c, _ = count_ops(fn)
+        assert c.syncs == 1 and c.by_sync == {name: 1}, name
+    assert count_ops(lambda: a.repeat_interleave(b, output_size=6))[0].syncs == 0
+    assert torch.Tensor.tolist(a) == [1.0] * 4  # the patched methods are restored
+
+
+def test_a_registered_operator_counts_once_with_what_it_does_inside():
+    """dtop::varlen_attention loops over sequences on CPU (host reads inside): one node, no sync counted."""
+    from dtop.models.blocks import varlen_attention
+
+    q = torch.randn(7, 2, 4)
+    cu = torch.tensor([0, 3, 7])
+    with torch.no_grad():
+        c, out = count_ops(lambda: varlen_attention(q, q, q, cu, 4))
+    assert (c.ops, c.syncs) == (1, 0) and out.shape == q.shape
+
+
+@pytest.fixture(scope="module")
+def counts():
+    torch.manual_seed(0)
+    model = tiny_model(heads=("atm", "atm", "atm"), blocks=(1, 2, 3)).eval()
+    return count_forward_ops(model, (64, 96), [2, 4, 8], ["per_image", "padded", "packed"])
+
+
+def test_packed_launches_do_not_grow_with_the_batch(counts):
+    assert counts["4"]["packed"]["ops"] == counts["8"]["packed"]["ops"]
+    assert counts["4"]["dense"]["ops"] == counts["8"]["dense"]["ops"]
+    assert counts["8"]["per_image"]["ops"] > counts["4"]["per_image"]["ops"]  # the reference loops per image
+
+
+def test_packed_makes_one_host_sync_per_exit_stage(counts):
+    """Two exit stages: two reads of the kept counts, plus the two output copies (tokens per block and head)."""
+    for B in ("2", "4", "8"):
+        c = counts[B]["packed"]
+        assert c["sync_ops"].get("tolist", 0) == 2 and c["syncs"] == 4, c
+
+
+def test_nothing_able_to_leave_costs_a_constant_few_operations(counts):
+    for B in ("2", "4", "8"):
+        assert counts[B]["p0_1"]["ops"] - counts[B]["dense"]["ops"] <= 8, counts[B]
+
+
+def test_no_exit_forward_equals_the_general_one():
+    """The p0 = 1 shortcut returns what the general forward returns with nothing leaving."""
+    model = tiny_model(heads=("linear", "atm", "atm"), blocks=(1, 2, 3)).eval()
+    x = images(2)
+    with torch.no_grad():
+        fast = model(x)
+        model.force_exit = lambda stage, conf, valid: torch.zeros_like(valid)  # the general path, nobody exits
+        slow = model(x)
+    torch.testing.assert_close(fast.scores, slow.scores)
+    torch.testing.assert_close(fast.canvas, slow.canvas)
+    assert torch.equal(fast.exit_stage, slow.exit_stage)
+    assert torch.equal(fast.tokens_per_block, slow.tokens_per_block)
+    assert torch.equal(fast.head_tokens[:, -1], slow.head_tokens[:, -1])
+
+
+def test_spread_and_forced_exits():
+    assert spread(3) == pytest.approx([0.3, 0.6, 0.9])
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    exits = forced_exits(spread(3))(0, torch.rand(3, 10), valid)
+    assert exits.sum(1).tolist() == [3, 6, 9]
