@@ -272,3 +272,67 @@ def test_split_folders_still_win_and_images_without_labels_are_skipped(tmp_path)
     with pytest.raises(InputError, match="found train, val"):
         FolderDataset(tmp_path, "test", num_classes=1)
     assert isinstance(SyntheticScenes(num_images=1).ignore_index, int)
+
+
+# ------------------------------------------------------------------------------- held-back inputs of kinds 4 and 9
+def test_predict_palette_option_is_a_known_dataset_with_enough_classes(tmp_path, capsys):
+    from conftest import tiny_model
+
+    model = tiny_model(("linear", "linear", "linear"), num_classes=11)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.cfg.to_dict()}, ckpt)
+    write_image(tmp_path / "x.png", 32, 32)
+    run = lambda palette: predict_paths(str(ckpt), [str(tmp_path / "x.png")], tmp_path / "out",  # noqa: E731
+                                        palette=palette, device="cpu", linear="aten")
+    with pytest.raises(ConfigError, match=r"camvdi.*did you mean camvid"):
+        run("camvdi")  # a typo used to fall back to random colours without a word
+    with pytest.raises(ConfigError, match=r"palette 'synthetic' has 8 classes but the model predicts 11"):
+        run("synthetic")
+    result = run("cityscapes")  # 19 colours for 11 classes: the first 11, with a warning
+    assert "palette 'cityscapes' has 19 classes, the model 11" in capsys.readouterr().err
+    names = dataset_meta("cityscapes").classes[:11]
+    assert all(part.rsplit(" ", 1)[0] in names for part in result["images"][0]["top_classes"].split(", "))
+    seg = np.asarray(Image.open(tmp_path / "out" / "x_seg.png").convert("RGB")).reshape(-1, 3)
+    assert {tuple(c) for c in np.unique(seg, axis=0).tolist()} <= set(dataset_meta("cityscapes").palette[:11])
+
+
+def test_split_file_with_byte_order_mark_crlf_and_suffixed_relative_paths(tmp_path):
+    for stem, suffix in (("Region 1/a", ".JPG"), ("Region 1/sub/b", ".jpeg"), ("Region 2/a", ".webp"),
+                         ("Region 2/c", ".jfif")):
+        write_image(tmp_path / stem.split("/")[0] / "images" / f"{stem.split('/', 1)[1]}{suffix}")
+        write_ids(tmp_path / stem.split("/")[0] / "masks" / f"{stem.split('/', 1)[1]}.png", np.zeros((8, 12)))
+    (tmp_path / "val.txt").write_bytes("\ufeffRegion 1/images/sub/b.jpeg\r\nRegion 2/a.webp\r\n"
+                                       "./Region 1/a.jpg\r\nRegion 2/c\r\n".encode("utf-8"))
+    ds = FolderDataset(tmp_path, "val.txt", num_classes=1)
+    assert [s.name for s in ds.samples] == ["Region 1/sub/b", "Region 2/a", "Region 1/a", "Region 2/c"]
+    assert ds.samples[3].image.suffix == ".jfif"  # any suffix Pillow reads
+    (tmp_path / "missing.txt").write_text("Region 1/a\nRegion 2/zzz.jpg\n")
+    with pytest.raises(InputError, match=r"1 of 2 entries name no image.*'Region 2/zzz.jpg'"):
+        FolderDataset(tmp_path, "missing.txt", num_classes=1)
+
+
+def test_split_file_naming_an_image_whose_label_is_misnamed_says_so(tmp_path):
+    write_image(tmp_path / "images" / "a.png")
+    write_ids(tmp_path / "labels" / "a.png", np.zeros((8, 12)))
+    write_image(tmp_path / "images" / "i.png")
+    write_ids(tmp_path / "labels" / "i_mask.png", np.zeros((8, 12)))
+    (tmp_path / "val.txt").write_text("i\n")
+    with pytest.raises(InputError) as e:
+        FolderDataset(tmp_path, "val.txt", num_classes=1)
+    assert "images/i.png (expected labels/i.png)" in str(e.value)
+    assert "rename i_mask.png to i.png" in str(e.value) and "no label files found" not in str(e.value)
+
+
+def test_pascal_context_split_file_with_suffixes_and_byte_order_mark(tmp_path):
+    from dtop.data import PascalContext59
+
+    voc = tmp_path / "VOCdevkit" / "VOC2010"
+    for stem in ("2008_000002", "2008_000003"):
+        write_image(voc / "JPEGImages" / f"{stem}.jpg")
+        write_ids(voc / "SegmentationClassContext" / f"{stem}.png", np.full((8, 12), 3))
+    (voc / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    split = voc / "ImageSets" / "SegmentationContext" / "val.txt"
+    split.write_bytes(b"\xef\xbb\xbf2008_000002.jpg\r\n2008_000003\r\n")
+    ds = PascalContext59(tmp_path, "val")
+    assert [s.name for s in ds.samples] == ["2008_000002", "2008_000003"]
+    assert set(np.unique(ds.load(0)[1]).tolist()) == {2}  # reduce-zero-label: stored 3 -> class 2

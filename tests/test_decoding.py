@@ -1,4 +1,6 @@
 """Images decoded as a viewer shows them, and label files read exactly in every mode users save."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +214,79 @@ def test_label_with_exif_orientation_is_turned_like_its_image(tmp_path):
     label[:, : W // 8] = 1
     save_sideways(Image.fromarray(label), tmp_path / "lab.png")
     np.testing.assert_array_equal(read_label_ids(tmp_path / "lab.png"), label)
+
+
+# ------------------------------------------------------------------------------- held-back inputs of kinds 2-3
+def write_png16(path, samples: np.ndarray) -> None:
+    """A 16-bit-per-sample PNG from uint16 (H, W, C): C = 2 grey+alpha, 3 RGB, 4 RGBA (Pillow cannot write
+    these; GIMP, OpenCV and scanners do)."""
+    import struct
+    import zlib
+
+    h, w, c = samples.shape
+    colour_type = {2: 4, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("orientation,transpose", [(5, Image.Transpose.TRANSPOSE), (7, Image.Transpose.TRANSVERSE),
+                                                   (4, Image.Transpose.FLIP_TOP_BOTTOM)])
+@pytest.mark.parametrize("suffix", [".png", ".webp"])
+def test_exif_orientation_of_png_and_webp_files_is_applied(tmp_path, orientation, transpose, suffix):
+    shown = displayed_picture()
+    path = tmp_path / f"photo{suffix}"
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(shown).transpose(transpose).save(path, exif=exif.tobytes(), lossless=True)
+    np.testing.assert_array_equal(read_image(path), shown)
+
+
+def test_sixteen_bit_colour_and_grey_alpha_labels_are_refused_not_cut_to_their_high_byte(tmp_path):
+    ids = np.array([[0, 1], [2, 300]], np.uint16)  # Pillow would read 0, 0, 0, 1
+    write_png16(tmp_path / "la16.png", np.stack([ids, np.full_like(ids, 65535)], -1))
+    write_png16(tmp_path / "rgb16.png", np.repeat(ids[..., None], 3, -1))
+    assert Image.open(tmp_path / "la16.png").mode == "RGBA" and Image.open(tmp_path / "rgb16.png").mode == "RGB"
+    with pytest.raises(InputError, match=r"la16.png stores 16-bit samples \(LA;16B: 16-bit grey\+alpha\).*I;16"):
+        read_label_ids(tmp_path / "la16.png")
+    with pytest.raises(InputError, match=r"rgb16.png stores 16-bit samples \(RGB;16B"):
+        read_label_ids(tmp_path / "rgb16.png")
+    colours = np.array([[[65535, 0, 0], [0, 0, 25700]]], np.uint16)  # 16-bit colour masks keep their colours
+    write_png16(tmp_path / "mask16.png", colours)
+    assert read_label_rgb(tmp_path / "mask16.png", [(0, 0, 100), (255, 0, 0)]).tolist() == [[1, 0]]
+    assert read_image(tmp_path / "mask16.png")[0].tolist() == [[255, 0, 0], [0, 0, 100]]  # images: scaled, kept
+
+
+def test_palette_image_with_per_index_transparency_decodes_without_a_pillow_warning(tmp_path, recwarn):
+    rgb = displayed_picture()
+    p = Image.fromarray(rgb).quantize(8)
+    p.save(tmp_path / "p.png", transparency=bytes([0, 128] + [255] * 6))
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), np.asarray(p.convert("RGBA"))[..., :3])
+    assert not [w for w in recwarn if "Palette images with Transparency" in str(w.message)]
+
+
+def test_colours_missing_from_the_palette_are_reported_once(tmp_path, monkeypatch):
+    from dtop.data import labels
+
+    monkeypatch.setattr(labels, "_WARNED_PALETTES", set())
+    pal = [(1, 2, 3), (200, 0, 0), (0, 200, 0)]
+    rgb = np.asarray(pal, np.uint8)[np.array([[0, 1, 2, 2]])]
+    rgb[0, 3] = (0, 0, 200)  # a class the palette forgot
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    with pytest.warns(UserWarning, match=r"1 of 4 pixels .* \(0, 0, 200\) x 1.*ignore id 255.*data.options.palette"):
+        assert read_label_rgb(tmp_path / "a.png", pal).tolist() == [[0, 1, 2, 255]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_label_rgb(tmp_path / "a.png", pal)  # once per palette
+        # reduce_zero_label drops stored id 0's colour on purpose: not reported
+        (tmp_path / "images").mkdir()
+        (tmp_path / "labels").mkdir()
+        Image.fromarray(np.zeros((1, 3, 3), np.uint8)).save(tmp_path / "images" / "b.png")
+        Image.fromarray(rgb[:, :3]).save(tmp_path / "labels" / "b.png")
+        ds = FolderDataset(tmp_path, label_mode="rgb", palette=pal, reduce_zero_label=True)
+        assert ds.load(0)[1].tolist() == [[255, 0, 1]]

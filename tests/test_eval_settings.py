@@ -229,3 +229,41 @@ def test_bench_reports_the_batch_that_ran(monkeypatch):
     assert r["batch"] == 2 and r["size"] == [32, 48] and len(r["exit_fractions"]) == 2
     mixed = r["layouts"]["per_image"]
     assert mixed["dense_images_per_s_mixed"] == 2.0 and mixed["dtop_images_per_s_mixed"] == 4.0
+
+
+# ------------------------------------------------------------------------------- held-back inputs of kind 6
+def test_image_smaller_than_the_window_is_one_window_equal_to_whole_mode():
+    model = tiny_model(p0=0.9)
+    image = torch.randn(3, 20, 45)  # smaller than the window on both sides, not whole patches
+    whole = predict(model, image, EvalSection(mode="whole"))
+    slide = predict(model, image, EvalSection(mode="slide", window=[64, 64], stride=[37, 29]))
+    assert _windows(20, 45, [64, 64], [37, 29]) == [(0, 20, 0, 45)]
+    torch.testing.assert_close(slide.scores, whole.scores)
+    assert slide.gflops == pytest.approx(whole.gflops)
+    tall = predict(model, torch.randn(3, 70, 30), EvalSection(mode="slide", window=[48, 48], stride=[37, 29]))
+    assert torch.isfinite(tall.scores).all() and tall.scores.shape[-2:] == (70, 30)
+
+
+def test_some_images_without_a_labelled_pixel_count_nothing_and_do_not_warn(monkeypatch, tmp_path):
+    _fixed_predictions(monkeypatch, torch.zeros(2, 3, dtype=torch.long))
+    data = _Labels([torch.tensor([[0, 0, 1], [1, 1, 255]]), torch.full((2, 3), 255)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics, rows = evaluate(tiny_model(num_classes=3), data, EvalSection(), torch.device("cpu"))
+    assert metrics["aacc"] == pytest.approx(40.0) and metrics["per_class_iou"]["road"] == pytest.approx(40.0)
+    assert metrics["per_class_iou"]["tree"] is None and metrics["num_images"] == 2
+    assert rows[0]["pixel_acc"] == pytest.approx(0.4) and math.isnan(rows[1]["pixel_acc"])
+    write_results(tmp_path, metrics, rows, ExperimentConfig())
+    assert strict_json((tmp_path / "metrics.json").read_text())["miou"] == pytest.approx(20.0)
+
+
+def test_dataset_of_other_classes_or_no_images_is_refused_in_one_line(monkeypatch):
+    _fixed_predictions(monkeypatch, torch.zeros(2, 3, dtype=torch.long))
+    data = _Labels([torch.zeros(2, 3, dtype=torch.long)])
+    with pytest.raises(ConfigError, match=r"model predicts 5 classes but the dataset \(_Labels\) has 3.*data.options"):
+        evaluate(tiny_model(num_classes=5), data, EvalSection(), torch.device("cpu"))
+    for limit in (0, -1):
+        with pytest.raises(ConfigError, match=rf"eval.max_images must be a positive number.*got {limit}"):
+            evaluate(tiny_model(num_classes=3), data, EvalSection(max_images=limit), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="holds no image"):
+        evaluate(tiny_model(num_classes=3), _Labels([]), EvalSection(), torch.device("cpu"))

@@ -211,3 +211,35 @@ def test_training_records_the_grid_and_finetuning_resamples_from_it(tmp_path):
     want = resample_abs_pos_embed(dense["model"][KEY], new_size=[12, 8], old_size=[8, 12], num_prefix_tokens=1)
     torch.testing.assert_close(tuned["model"][KEY], want, rtol=0, atol=1e-6)
     assert tuned["pos_grid"] == {KEY: [12, 8]}
+
+
+# ------------------------------------------------------------------------------- held-back inputs of kind 7
+@pytest.mark.parametrize("backbone,src,dst,prefix", [
+    ("vit_tiny_patch16_384", (224, 448), (320, 320), 1),           # 14 x 28 -> 20 x 20: rows up, cols down
+    ("vit_small_patch14_reg4_dinov2", (56, 112), (84, 84), 0),     # 4 x 8 -> 6 x 6, registers: no prefix position
+])
+def test_wide_checkpoint_loaded_square_is_resampled_from_its_grid(tmp_path, backbone, src, dst, prefix):
+    a, b = tiny(src, backbone=backbone), tiny(dst, seed=1, backbone=backbone)
+    p = a.backbone.patch_size
+    old, new = (src[0] // p, src[1] // p), (dst[0] // p, dst[1] // p)
+    save_atomic({"model": a.state_dict(), "model_config": a.cfg.to_dict(), "pos_grid": position_grids(a)},
+                tmp_path / "a.pt")
+    with pytest.warns(UserWarning, match=rf"img_size=\({src[0]}, {src[1]}\)"):
+        report = load_into(b, str(tmp_path / "a.pt"))
+    torch.testing.assert_close(pos_of(b), resampled(a, old, new, prefix), rtol=0, atol=1e-6)
+    assert report["resampled"] == [f"{KEY}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]}"]
+    with pytest.raises(CheckpointError, match=r"not a square.*src_grid"):
+        load_into(tiny(dst, seed=2, backbone=backbone), a.state_dict())  # the bare weights do not say the grid
+    reloaded = dtop.load_model(tmp_path / "a.pt")  # rebuilt at its own grid; timm resamples per input
+    x = torch.randn(1, 3, *dst)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.forward_dense(x), b.forward_dense(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"depht": 2}, "unexpected keyword argument 'depht'"),
+                                          ({"embed_dim": 65, "num_heads": 2}, "divisible by num_heads")])
+def test_backbone_arguments_timm_refuses_are_a_config_error(kwargs, match):
+    from dtop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"timm could not build 'vit_tiny_patch16_384'.*{match}.*backbone_kwargs"):
+        ViTBackbone("vit_tiny_patch16_384", model_kwargs=kwargs)

@@ -190,9 +190,10 @@ def pair_tree(image_dir: Path, label_dir: Path, image_suffixes: Sequence[str],
 
 def split_list_entries(path: Path) -> list[str]:
     """The entries of a split file (mmsegmentation's: one stem or relative path per line; blank lines and
-    ``#`` comments left out), each as a forward-slash path without ``./``."""
+    ``#`` comments left out; a UTF-8 byte-order mark and Windows line ends read), each as a forward-slash
+    path without ``./``."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read split file {path}: {e}") from e
     entries = []
@@ -226,7 +227,8 @@ def select_listed(pairing: Pairing, entries: Sequence[str], root: Path, list_pat
         for s in group:
             for k in _keys(s, root):
                 index.setdefault(k, []).append((paired, s))
-    out = Pairing(searched=pairing.searched, notes=pairing.notes)
+    orphans = [(p, why) for p, why in pairing.skipped if why.startswith("label(s) without")]  # for the messages
+    out = Pairing(searched=pairing.searched, notes=pairing.notes, skipped=orphans)
     missing, seen = [], set()
     for entry in entries:
         hits = index.get(entry) or index.get(_strip_suffix(entry, image_suffixes) or entry) or []

@@ -105,9 +105,7 @@ class PascalContext59(_Named):
         split_file = root / "ImageSets" / "SegmentationContext" / f"{folder}.txt"
         if not split_file.is_file():
             raise InputError(f"PascalContext59: split file {split_file} not found. Expected layout:\n{self.LAYOUT}")
-        names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-        if not names:
-            raise InputError(f"PascalContext59: split file {split_file} is empty")
+        names = [n[:-4] if n.lower().endswith(".jpg") else n for n in split_list_entries(split_file)]
         return pair_files(img, ann, (".jpg",), ".png", names=names, dataset="PascalContext59")
 
 
@@ -253,6 +251,8 @@ class FolderDataset(SegDataset):
         names, colours = folder_classes(palette, reduce_zero_label, num_classes, classes)
         check_ignore_index(ignore_index, len(names), "FolderDataset")
         self.label_mode = label_mode
+        # rgb + reduce_zero_label: stored id 0's colour (dropped from the palette) is read as 'ignore' on purpose
+        self.ignored_colours = [tuple(int(v) for v in palette[0])] if reduce_zero_label and palette else []
         self.root = Path(root)
         self.pairing = self.find_pairs(self.root, str(split), images, labels)
         # rgb: decoding through palette[1:] already sends id 0's colour to the ignore id and k to k-1
@@ -316,5 +316,5 @@ class FolderDataset(SegDataset):
         its own palette first, :func:`read_label_rgb`); ``'ids'`` reads ids exactly (:func:`read_label_ids`).
         InputError naming the file's mode and the label_mode that fits when the file is ambiguous."""
         if self.label_mode == "rgb":
-            return read_label_rgb(path, self.palette, ignore_index=self.ignore_index)
+            return read_label_rgb(path, self.palette, ignore_index=self.ignore_index, ignored=self.ignored_colours)
         return read_label_ids(path)

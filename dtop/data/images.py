@@ -2,20 +2,23 @@
 
 ``read_image(path)`` -> uint8 (H, W, 3) RGB as a viewer shows the file; ``open_displayed(path)``: the
 Pillow image with its EXIF orientation applied (labels are opened the same way, ``labels.py``);
+``reduced_depth(im)``: the 16-bit sample layout Pillow's decoder cut to 8 bits, if it did;
 ``IMAGE_SUFFIXES``: what a folder of images is searched for; ``image_files(inputs)``: the image files named
 or found in folders.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InputError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
+# The raster formats Pillow reads that photos and masks come in (an earlier suffix wins a shared stem).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm",
+                  ".jpe", ".jfif", ".jp2", ".j2k", ".avif", ".apng", ".pnm", ".tga", ".qoi")
 
 # Modes whose RGB is Pillow's own conversion: grey and 1-bit repeated, palette colours looked up, alpha
 # dropped (RGBa un-premultiplied first), CMYK / YCbCr / HSV / CIE LAB converted, RGBX's padding byte dropped.
@@ -23,19 +26,33 @@ _PILLOW_RGB = ("RGB", "RGBX", "RGBA", "RGBa", "L", "LA", "La", "1", "P", "PA", "
 # 16-bit greyscale in any byte order: scaled 0..65535 -> 0..255 (value / 257, rounded).
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Multi-channel modes whose 16-bit samples Pillow's decoders cut to their high byte (16-bit RGB, RGBA and
+# grey+alpha PNGs open as 8-bit RGB / RGBA): the decoder's raw mode is kept under this key of ``im.info``.
+REDUCED_KEY = "dtop.reduced_from"
 
 
 def open_displayed(path: Union[str, Path], what: str = "image") -> Image.Image:
     """The decoded Pillow image of ``path`` turned as a viewer shows it (EXIF Orientation applied with
     ``ImageOps.exif_transpose``; width and height swapped for orientations 5-8); mode, palette and
-    transparency kept. InputError naming the file when Pillow cannot read it."""
+    transparency kept; a 16-bit-per-sample RGB(A) or grey+alpha file, which Pillow reads as its high bytes,
+    is marked (:func:`reduced_depth`). InputError naming the file when Pillow cannot read it."""
     try:
         with Image.open(path) as im:
+            raw = [t.args[0] if isinstance(t.args, tuple) else t.args for t in im.tile or []]
             im.load()  # pixels (and a PNG's trailing eXIf chunk) read: valid after the file is closed
             ImageOps.exif_transpose(im, in_place=True)
+            reduced = [r for r in raw if isinstance(r, str) and ";16" in r and im.mode in ("RGB", "RGBA", "LA")]
+            if reduced:
+                im.info[REDUCED_KEY] = reduced[0]
             return im
     except _READ_ERRORS as e:
         raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+def reduced_depth(im: Image.Image) -> Optional[str]:
+    """The decoder's raw mode (e.g. ``"LA;16B"``, ``"RGB;16B"``) when :func:`open_displayed` found 16-bit
+    samples that Pillow read as 8-bit (their high byte), else None."""
+    return im.info.get(REDUCED_KEY)
 
 
 def read_image(path: Union[str, Path]) -> np.ndarray:
@@ -55,6 +72,8 @@ def to_rgb(im: Image.Image, path: Union[str, Path] = "<image>") -> np.ndarray:
     ``path`` and the mode for a mode without a display convention."""
     if im.mode in _PILLOW_RGB:
         straight = {"RGBa": "RGBA", "La": "LA"}.get(im.mode)  # premultiplied alpha: un-premultiply first
+        if im.mode == "P" and "transparency" in im.info:
+            straight = "RGBA"  # the palette's colours, alpha then dropped (Pillow warns on P -> RGB here)
         return np.asarray((im.convert(straight) if straight else im).convert("RGB"))
     if im.mode in SIXTEEN_BIT or im.mode in ("I", "F"):
         grey = _grey_to_uint8(np.asarray(im), im.mode, path)

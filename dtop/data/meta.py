@@ -73,6 +73,22 @@ def display_meta(name: Optional[str], num_classes: int) -> tuple[list[tuple[int,
     return default_palette(num_classes), [str(k) for k in range(num_classes)]
 
 
+def named_display_meta(name: str, num_classes: int) -> tuple[list[tuple[int, int, int]], list[str], Optional[str]]:
+    """Colours and class names of the named dataset ``name`` for a model of ``num_classes`` outputs (its
+    first ``num_classes``), and a note when the dataset has more classes than that (else None): what a
+    user's explicit choice (``dtop predict --palette``) gives. ConfigError for an unknown name (with the
+    known ones) and for a dataset with fewer classes than the model (naming both counts)."""
+    meta = dataset_meta(name)
+    if meta.num_classes < num_classes:
+        raise ConfigError(f"palette {name!r} has {meta.num_classes} classes but the model predicts {num_classes}; "
+                          f"choose a dataset with at least {num_classes} classes, or leave the palette out to use "
+                          f"the colours the model was trained with")
+    note = None if meta.num_classes == num_classes else (
+        f"palette {name!r} has {meta.num_classes} classes, the model {num_classes}: its first {num_classes} "
+        f"colours and names are used")
+    return list(meta.palette[:num_classes]), list(meta.classes[:num_classes]), note
+
+
 def _colours(palette: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
     """``palette`` as (r, g, b) tuples of 0..255; ConfigError naming the first bad entry."""
     out = []

@@ -64,15 +64,7 @@ class ViTBackbone(nn.Module):
                                       drop_path_rate=drop_path_rate, **model_kwargs)
         if img_size is not None:
             kwargs["img_size"] = img_size
-        try:
-            self.vit = timm.create_model(name, pretrained=pretrained is True, **kwargs)
-        except (OSError, RuntimeError) as e:
-            if pretrained is not True:
-                raise
-            raise CheckpointError(
-                f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass a local weight file instead: "
-                f"pretrained='path/to/weights.safetensors' (or .pth)") from e
+        self.vit = _create_vit(name, pretrained is True, kwargs, model_kwargs, img_size)
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
             raise ConfigError(f"timm model {name!r} is not a plain ViT (no .blocks / .patch_embed)")
         if isinstance(pretrained, (str, Path)):
@@ -180,3 +172,24 @@ class ViTBackbone(nn.Module):
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.vit.norm(x)
+
+
+def _create_vit(name: str, hub: bool, kwargs: dict[str, Any], model_kwargs: dict[str, Any],
+                img_size: Union[int, tuple[int, int], None]) -> nn.Module:
+    """``timm.create_model(name, pretrained=hub, **kwargs)``; ConfigError naming the arguments timm's
+    constructor refuses (an unknown or mistyped backbone_kwargs key, a model dtop cannot build headless),
+    CheckpointError when the hub weights cannot be fetched."""
+    try:
+        return timm.create_model(name, pretrained=hub, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"timm could not build {name!r} with backbone_kwargs {model_kwargs} and img_size "
+                          f"{img_size!r}: {type(e).__name__}: {e}; check model.overrides backbone (a timm plain "
+                          f"ViT that builds without a classifier) and backbone_kwargs (timm's VisionTransformer "
+                          f"arguments, e.g. depth, embed_dim, num_heads)") from e
+    except (OSError, RuntimeError) as e:
+        if not hub:
+            raise
+        raise CheckpointError(
+            f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass a local weight file instead: "
+            f"pretrained='path/to/weights.safetensors' (or .pth)") from e
