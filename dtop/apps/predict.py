@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, config_from_dict
-from ..data import EvalTransform, display_meta, image_files, read_image
-from ..data.meta import trained_display_meta
+from ..data import EvalTransform, image_files, read_image
+from ..data.meta import named_display_meta, trained_display_meta
 from ..engine.common import normalisation, progress_enabled, resolve_device
 from ..engine.evaluate import predict
 from ..errors import InputError, Interrupted, deferred_interrupts
@@ -67,28 +67,41 @@ def write_image(path: Path, stem: str, rgb: np.ndarray, p: dict[str, Any], out_d
                                      for c in np.argsort(-present)[:3] if present[c] > 0)}
 
 
+def display_colours(palette: Optional[str], num_classes: int, cfg: ExperimentConfig,
+                    recorded: Optional[dict[str, Any]]) -> tuple[list, list[str]]:
+    """Colours and class names of the model's outputs: ``palette`` (``--palette``, a dataset name; ConfigError
+    when unknown or with fewer classes than the model, a warning when it has more); else the classes and colours
+    recorded at training (or, in older checkpoints, the config's folder palette, else its dataset's table)."""
+    if not palette:
+        return trained_display_meta(cfg.to_dict()["data"], num_classes, recorded)
+    colours, classes, note = named_display_meta(palette, num_classes)
+    if note:
+        print(f"dtop predict: warning: {note}", file=sys.stderr)
+    return colours, classes
+
+
 def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
                   palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
-                  progress: bool = False, linear: str = "auto") -> dict[str, Any]:
+                  progress: bool = False, linear: str = "auto", compile: bool = False) -> dict[str, Any]:
     """Run the checkpoint on every image; returns the ``predictions.json`` content. Ctrl-C (or SIGTERM under
     the CLI): :class:`~dtop.errors.Interrupted`, the images done listed in a partial ``predictions.json``.
-    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`)."""
+    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`);
+    ``compile``: torch.compile the blocks and heads (:meth:`~dtop.models.Segmentor.compile`; torch's linear)."""
     state = load_checkpoint(checkpoint)
     cfg, recorded = config_from_dict(state.get("config") or {}), state.get("dataset")
     del state  # the weights are loaded again by load_model
     dev = resolve_device(device)
     model = load_model(checkpoint, dev).eval()
-    use_linear_kernel(model, linear, dev)
+    use_linear_kernel(model, "aten" if compile else linear, dev)
+    if compile:
+        model.compile()
     dtop_model = isinstance(model, DToPSegmentor)
     if p0 is not None and dtop_model:
         model.set_p0(p0)
     elif p0 is not None:
         print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
               f"reduction, not early exit", file=sys.stderr)
-    # --palette names a dataset; else the classes and colours recorded at training (or, in older
-    # checkpoints, the config's folder palette, else its dataset's table)
-    colours, classes = display_meta(palette, model.num_classes) if palette else \
-        trained_display_meta(cfg.to_dict()["data"], model.num_classes, recorded)
+    colours, classes = display_colours(palette, model.num_classes, cfg, recorded)
     mean, std = normalisation(cfg)
     transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
                               mean=mean, std=std)
@@ -156,6 +169,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                          "camvid, ...; default: the checkpoint's dataset)")
     sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
     sp.add_argument("--device", default="auto")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
     add_allocator(sp)
     add_linear(sp)
 
@@ -163,7 +177,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     set_allocator(args)
     result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
-                           device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear)
+                           device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear,
+                           compile=args.compile)
     for r in result["images"]:
         exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
         print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({r['reduction_pct']:.1f}% fewer than dense), "

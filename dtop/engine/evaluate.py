@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..config import EvalSection, ExperimentConfig
-from ..errors import Interrupted, deferred_interrupts
+from ..errors import ConfigError, Interrupted, deferred_interrupts
 from ..flops import dense_flops, forward_gflops
 from ..jsonio import write_json
 from ..models import DToPSegmentor, ReducedSegmentor, load_model
@@ -140,14 +140,13 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
              progress: bool = False, desc: str = "eval") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate ``model`` on ``dataset``; returns (metrics, per-image rows). Percentages; None where a figure
     is undefined (a class in neither labels nor predictions; every figure when no pixel is labelled, which
-    also warns: :func:`warn_unlabelled`)."""
+    also warns: :func:`warn_unlabelled`). ConfigError when the dataset's classes are not the model's or no
+    image would be evaluated (:func:`check_evaluable`)."""
     model.eval().to(device)
     K = model.num_classes
-    if dataset.num_classes != K:
-        raise ValueError(f"dataset has {dataset.num_classes} classes, the model {K}")
+    n = check_evaluable(model, dataset, ecfg)
     hist = torch.zeros(K, K, dtype=torch.long)
     rows: list[dict[str, Any]] = []
-    n = len(dataset) if ecfg.max_images is None else min(len(dataset), ecfg.max_images)
     exit_sum = torch.zeros(model.num_stages)
     for i in tqdm(range(n), desc=desc, disable=not progress):
         sample = dataset[i]
@@ -174,6 +173,24 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         "p0": model.p0 if isinstance(model, DToPSegmentor) and not dense else None,
     }
     return metrics, rows
+
+
+def check_evaluable(model, dataset, ecfg: EvalSection) -> int:
+    """The number of images to evaluate (``eval.max_images`` of the dataset, all when None). ConfigError
+    when the dataset has another number of classes than the model (naming both and the keys that set them)
+    or when that number is 0."""
+    K, D = model.num_classes, dataset.num_classes
+    if D != K:
+        raise ConfigError(f"the model predicts {K} classes but the dataset ({type(dataset).__name__}) has {D}; "
+                          f"evaluate with the data settings the model was trained with (data.name, "
+                          f"data.options num_classes / classes / palette / reduce_zero_label)")
+    limit = ecfg.max_images
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"eval.max_images must be a positive number of images or null (all), got {limit!r}")
+    n = len(dataset) if limit is None else min(len(dataset), limit)
+    if n == 0:
+        raise ConfigError(f"the evaluation dataset ({type(dataset).__name__}) holds no image")
+    return n
 
 
 def warn_unlabelled(dataset, n: int, desc: str = "eval") -> None:
@@ -240,20 +257,27 @@ def eval_dir(checkpoint: str, out_dir: Optional[Path] = None) -> Path:
     return Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
 
 
+def _compiled(model, compile: bool):
+    if compile:
+        model.compile()
+    return model
+
+
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float], with_dense: bool = True,
                    out_dir: Optional[Path] = None, dense_checkpoint: Optional[str] = None,
-                   verbose: bool = True, reduction=None) -> list[dict[str, Any]]:
+                   verbose: bool = True, reduction=None, compile: bool = False) -> list[dict[str, Any]]:
     """Evaluate a checkpoint densely and at each p0; writes ``<out>/<variant>/{metrics.json,per_image.csv}``
     and ``<out>/summary.json``; returns the summary rows (name, p0, miou, gflops, reduction, exits).
 
     A checkpoint of a token-reduction alternative (or any checkpoint with ``reduction``, a
     :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
     of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``).
+    ``compile``: run every model through ``torch.compile`` (:meth:`~dtop.models.Segmentor.compile`).
     Ctrl-C (or SIGTERM under the CLI): :class:`~dtop.errors.Interrupted` naming the variants written."""
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
-    models = {checkpoint: load_model(checkpoint, device, reduction)}
+    models = {checkpoint: _compiled(load_model(checkpoint, device, reduction), compile)}
     variants: list[tuple[str, Optional[float], str]] = []
     if with_dense:
         variants.append(("dense", None, dense_checkpoint or checkpoint))
@@ -264,7 +288,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     summary: list[dict[str, Any]] = []
     try:
         for name, p0, ckpt in variants:
-            model = models.get(ckpt) or load_model(ckpt, device)
+            model = models.get(ckpt) or _compiled(load_model(ckpt, device), compile)
             models[ckpt] = model
             if p0 is not None:
                 model.set_p0(p0)

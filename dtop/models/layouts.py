@@ -186,7 +186,8 @@ class PerImageTokens:
     @classmethod
     def from_padded(cls, t: PaddedTokens) -> "PerImageTokens":
         lengths = (t.counts() - t.P).tolist()  # one host sync, when the layout switches
-        xs = [t.x[b:b + 1, : t.P + n] for b, n in enumerate(lengths)]
+        # fresh tensors, not views of the batch: a compiled block would otherwise recompile per stride/offset
+        xs = [t.x[b:b + 1, : t.P + n].clone() for b, n in enumerate(lengths)]
         return cls(xs, [t.pos[b, :n] for b, n in enumerate(lengths)], t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
