@@ -77,7 +77,7 @@ def main() -> None:
              f"torch {torch.__version__}, fp32, inductor; mixed batch of {args.batch} at {args.size[0]} x {args.size[1]}, "
              f"forced exits 0.3 ... 0.9 at the first exit stage: FLOP ratio {flop_ratio:.3f}.", "",
              "| layout | compiled DToP / compiled dense (time) | realised vs compiled dense | compiled DToP / eager DToP "
-             "(time) | s per batch: compiled dense / compiled DToP / eager DToP | new graphs over 20 random exit "
+             "(time) | s per batch: compiled dense / compiled DToP (first pair), eager DToP (second pair) | new graphs over 20 random exit "
              "patterns |", "|---|---|---|---|---|---|"]
     for layout, r_dense, r_eager, t_dense, t_dtop, t_eager in rows:
         lines.append(f"| {layout} | {r_dense:.3f} | {realised(r_dense, flop_ratio):.2f} | {r_eager:.3f} | "

@@ -152,3 +152,36 @@ def test_num_classes_of_the_wrong_type_is_a_config_error():
         dtop.create_model("segvit_vit_t16", num_classes="11")
     with pytest.raises(ConfigError, match="topk must be an integer"):
         dtop.create_model("segvit_vit_t16", num_classes=3, topk=1.5)
+
+
+def test_reduction_given_as_text_builds_the_alternative():
+    """create_model(..., reduction="avgpool") reads the text as --reduction does (was an AttributeError)."""
+    from dtop.models import ReducedSegmentor
+
+    m = dtop.create_model("segvit_vit_t16", num_classes=5, reduction="avgpool,block=1",
+                          backbone_kwargs={"depth": 4, "embed_dim": 64, "num_heads": 2},
+                          stages=[{"block": 1, "head": "linear"}, {"block": 3, "head": "linear"}])
+    assert isinstance(m, ReducedSegmentor) and m.cfg.reduction.kind == "avgpool" and m.cfg.reduction.block == 1
+    with pytest.raises(ConfigError, match="reduction"):
+        dtop.create_model("segvit_vit_t16", num_classes=5, reduction="avgpoll")
+
+
+@pytest.mark.parametrize("key", ["pretrained", "num_classes"])
+def test_overrides_of_what_the_experiment_decides_are_refused(key):
+    """--set model.overrides.pretrained=FILE was a TypeError (multiple values for 'pretrained')."""
+    from dtop.config import config_from_dict
+    from dtop.engine.common import experiment_model
+
+    cfg = config_from_dict({"model": {"preset": "segvit_vit_t16", "overrides": {key: 3}}})
+    with pytest.raises(ConfigError, match=f"model.overrides.{key}"):
+        experiment_model(cfg, 5)
+
+
+def test_bench_default_size_is_whole_patches_of_the_model():
+    """dtop bench segvit_dinov2_s14 without --size refused its own default 512 x 512; now 518 x 518."""
+    from dtop.apps.bench import bench_model
+    from dtop.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "segvit_dinov2_s14", "--num-classes", "5", "--batch", "1"])
+    _, images, _ = bench_model(args)
+    assert tuple(images.shape[-2:]) == (518, 518) and args.size == [518, 518]

@@ -31,7 +31,7 @@ from ..data.transforms import resize_image
 from ..engine.common import resolve_device
 from ..engine.opcount import count_ops
 from ..errors import ConfigError, InputError
-from ..flops import check_size, dense_flops, forward_gflops
+from ..flops import check_size, default_size, dense_flops, forward_gflops
 from ..jsonio import dumps
 from ..models import DToPSegmentor, Segmentor, create_model, load_model
 from ..models.blocks import varlen_kernel_available
@@ -298,6 +298,7 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
         if not args.images:
             raise ConfigError("--checkpoint needs --images DIR (real images to prune)")
         model = load_model(args.checkpoint)
+        args.size = args.size or list(default_size(model))
         if args.p0 is not None and isinstance(model, DToPSegmentor):
             model.set_p0(args.p0)
         elif args.p0 is not None:
@@ -308,10 +309,11 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
             print(f"dtop bench: warning: {args.images} holds {len(images)} image(s), fewer than --batch {args.batch}: "
                   f"the mixed batch has {len(images)}", file=sys.stderr)
         return model, images, None
-    images = torch.randn(args.batch, 3, *args.size)
     n = args.batch
     heads_decide = args.p0 is not None and args.exit_fractions is None  # the untrained heads, at this p0
     model = create_model(args.name, num_classes=args.num_classes, p0=args.p0 if heads_decide else 0.5)
+    args.size = args.size or list(default_size(model))
+    images = torch.randn(args.batch, 3, *args.size)
     fractions = None if heads_decide else (args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)])
     return model, images, fractions
 
@@ -364,7 +366,8 @@ def print_op_counts(counts: dict[str, Any]) -> None:
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name", nargs="?", default="segvit_vit_b16", help="preset (ignored with --checkpoint)")
-    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=[512, 512])
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                    help="default 512 x 512 rounded up to whole patches (518 x 518 for patch 14)")
     sp.add_argument("--batch", type=int, default=8)
     sp.add_argument("--num-classes", type=int, default=150)
     sp.add_argument("--checkpoint", help="a trained dtop checkpoint: prune real images at its p0")

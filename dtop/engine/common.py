@@ -76,8 +76,11 @@ def init_distributed(device_name: str) -> DistInfo:
 
 def experiment_model(cfg: ExperimentConfig, num_classes: int):
     """The model of an experiment config's ``model`` section, with the dataset's number of classes."""
-    return create_model(cfg.model.preset, num_classes=num_classes, pretrained=cfg.model.pretrained,
-                        **cfg.model.overrides)
+    overrides = dict(cfg.model.overrides)
+    for key, where in (("pretrained", "model.pretrained"), ("num_classes", "the dataset (data.options)")):
+        if key in overrides:
+            raise ConfigError(f"model.overrides.{key}: set {where} instead; the experiment decides it there")
+    return create_model(cfg.model.preset, num_classes=num_classes, pretrained=cfg.model.pretrained, **overrides)
 
 
 def normalisation(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:

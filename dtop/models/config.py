@@ -142,6 +142,8 @@ class SegmentorConfig:
             d["stages"] = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in d["stages"]]
         if isinstance(d.get("reduction"), dict):
             d["reduction"] = reduction_from_dict(d["reduction"])
+        elif isinstance(d.get("reduction"), str):  # "avgpool", "expedite,block=5": as --reduction reads it
+            d["reduction"] = parse_reduction(d["reduction"])
         return cls(**d)
 
 
