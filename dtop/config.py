@@ -183,15 +183,23 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
+FREE_FORM = ("overrides", "options", "val_options")  # sections whose keys are the model's or dataset's own
+
+
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in the config dict; below a free-form section (``model.overrides``,
+    ``data.options``) any key is taken and missing levels are made (``model.overrides.backbone_kwargs.x=1``)."""
     keys = dotted.split(".")
     node = d
     for i, k in enumerate(keys[:-1]):
+        free = any(p in FREE_FORM for p in keys[:i])
+        if free and node.get(k) is None:
+            node[k] = {}
         if not isinstance(node.get(k), dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a config section"
                               f"{did_you_mean(k, [n for n, v in node.items() if isinstance(v, dict)])}")
         node = node[k]
-    if keys[-1] not in node and not (len(keys) > 1 and keys[-2] in ("overrides", "options", "val_options")):
+    if keys[-1] not in node and not any(p in FREE_FORM for p in keys[:-1]):
         raise ConfigError(f"--set {dotted}: unknown config key {dotted!r}{did_you_mean(keys[-1], node)}")
     node[keys[-1]] = value
 

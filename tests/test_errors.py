@@ -185,3 +185,15 @@ def test_bench_default_size_is_whole_patches_of_the_model():
     args = build_parser().parse_args(["bench", "segvit_dinov2_s14", "--num-classes", "5", "--batch", "1"])
     _, images, _ = bench_model(args)
     assert tuple(images.shape[-2:]) == (518, 518) and args.size == [518, 518]
+
+
+def test_set_reaches_into_free_form_sections():
+    """--set model.overrides.backbone_kwargs.pretrained_grid=[15,20] was refused as an unknown key."""
+    from dtop.config import load_config
+
+    cfg = load_config(None, ["model.overrides.backbone_kwargs.pretrained_grid=[15, 20]",
+                             "model.overrides.backbone_kwargs.drop_path_rate=0.1", "data.options.num_images=3"])
+    assert cfg.model.overrides["backbone_kwargs"] == {"pretrained_grid": [15, 20], "drop_path_rate": 0.1}
+    assert cfg.data.options["num_images"] == 3
+    with pytest.raises(ConfigError, match="did you mean overrides"):
+        load_config(None, ["model.overides.x=1"])
