@@ -336,3 +336,13 @@ def test_pascal_context_split_file_with_suffixes_and_byte_order_mark(tmp_path):
     ds = PascalContext59(tmp_path, "val")
     assert [s.name for s in ds.samples] == ["2008_000002", "2008_000003"]
     assert set(np.unique(ds.load(0)[1]).tolist()) == {2}  # reduce-zero-label: stored 3 -> class 2
+
+
+def test_collection_without_split_folders_warns_that_every_split_shares_its_images(tmp_path):
+    """Training images silently evaluated as validation ones: now a warning naming the folder and the fix."""
+    for stem in ("a", "b"):
+        write_image(tmp_path / "Region 9" / "images" / f"{stem}.png")
+        write_ids(tmp_path / "Region 9" / "masks" / f"{stem}.png", np.zeros((8, 12), np.int64))
+    with pytest.warns(UserWarning, match="no split folders.*same images for training and evaluation"):
+        ds = FolderDataset(tmp_path, "val", num_classes=1)
+    assert len(ds) == 2

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the problem."""
+import re
 import pickle
 
 import pytest
@@ -197,3 +198,17 @@ def test_set_reaches_into_free_form_sections():
     assert cfg.data.options["num_images"] == 3
     with pytest.raises(ConfigError, match="did you mean overrides"):
         load_config(None, ["model.overides.x=1"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch", "0"], "--batch and --count-batches"), (["--count-ops", "--count-batches", "0"], "--count-batches"),
+    (["--exit-fractions", "1.5"], r"in \[0, 1\]"), (["--exit-fractions", "-0.5", "0.2"], r"in \[0, 1\]"),
+    (["--count-ops", "--compile"], "--count-ops counts eager"),
+])
+def test_bench_refuses_options_no_measurement_can_take(argv, match, capsys):
+    """--batch 0 was a reshape traceback; --exit-fractions 1.5 was silently clamped to 1."""
+    from dtop.cli import main
+
+    assert main(["bench", "segvit_vit_t16", "--size", "64", "64", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(match, err), err

@@ -392,13 +392,28 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                     help="torch.compile the blocks and heads (dynamic shapes) for dense and DToP alike")
     sp.add_argument("--count-ops", action="store_true",
                     help="count dispatched ops and host syncs per forward instead of timing (dense, each layout, "
-                         "p0 1) at each --count-batches size")
+                         "p0 1) at each --count-batches size; forced exits: --exit-fractions, else a spread "
+                         "0.3 ... 0.9 across each batch")
     sp.add_argument("--count-batches", type=int, nargs="+", default=[1, 8, 32])
     add_allocator(sp)
     add_linear(sp)
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """ConfigError for options no measurement can take: batches below 1, exit fractions outside [0, 1],
+    ``--compile`` with ``--count-ops`` (the dispatch mode counts eager operations only)."""
+    if args.batch < 1 or min(args.count_batches) < 1:
+        raise ConfigError(f"--batch and --count-batches must be >= 1, got {args.batch} and {args.count_batches}")
+    bad = [f for f in args.exit_fractions or [] if not 0.0 <= f <= 1.0]
+    if bad:
+        raise ConfigError(f"--exit-fractions are fractions of each image's tokens, in [0, 1]; got {bad}")
+    if args.compile and args.count_ops:
+        raise ConfigError("--count-ops counts eager dispatches; a compiled model's fused kernels are not visible to it: "
+                          "drop --compile (or time the compiled model without --count-ops)")
+
+
 def run(args: argparse.Namespace) -> None:
+    check_bench_args(args)
     device = resolve_device(args.device)
     kept = set_allocator(args)
     torch.manual_seed(0)
@@ -437,12 +452,14 @@ def report_op_counts(args: argparse.Namespace, model, layouts: Sequence[str]) ->
         raise ConfigError("--count-ops counts DToP's early-exit forward; this model runs a token reduction")
     use_linear_kernel(model, "aten")  # count torch's own linear, as a GPU runs it (no oneDNN weight packing)
     counts = count_forward_ops(model, tuple(args.size), args.count_batches, layouts, args.exit_fractions)
-    result = {"model": args.checkpoint or args.name, "size": list(args.size), "counts": counts}
+    result = {"model": args.checkpoint or args.name, "size": list(args.size), "counts": counts,
+              "exit_fractions": args.exit_fractions or "spread 0.3 ... 0.9 across each batch"}
     if args.json:
         print(dumps(result))
         return
     print(f"{result['model']} at {args.size[0]}x{args.size[1]}: operations dispatched per forward (each compute "
-          f"kernel is a launch on CUDA), host syncs; forced exits at the first exit stage")
+          f"kernel is a launch on CUDA), host syncs; forced exits at the first exit stage: "
+          f"{result['exit_fractions']}. Batch 1 runs torch's batch-1 linear (a few ops fewer for dense and DToP).")
     print_op_counts(counts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -193,7 +194,23 @@ def _split_dirs(collections: list[tuple[Path, Path, str]], split: str) -> tuple[
             notes.append(f"no split folder {img / split}; found {', '.join(splits)}")
         else:
             dirs.append((img, lab, prefix))
+            _warn_shared(img, split)
     return dirs, notes
+
+
+def _warn_shared(img: Path, split: str) -> None:
+    """Once per folder: a collection without split folders gives every split the same images (training
+    images evaluated as validation ones, silently, unless said)."""
+    if img in _SHARED_WARNED:
+        return
+    _SHARED_WARNED.add(img)
+    warnings.warn(f"FolderDataset: {img} has no split folders (train/, val/, ...), so split {split!r} and every "
+                  f"other split take all of its images: the same images for training and evaluation. Give "
+                  f"split folders, or split files (data.train_split / data.val_split = a .txt list of stems)",
+                  UserWarning, stacklevel=2)
+
+
+_SHARED_WARNED: set[Path] = set()
 
 
 def split_file(root: Path, split: str) -> Optional[Path]:

@@ -1,5 +1,7 @@
 """Training: AdamW with a head lr multiplier, linear warm-up + poly decay, gradient accumulation,
-mixed precision on CUDA, DDP under torchrun, atomic checkpoints and exact resume.
+mixed precision on CUDA, DDP under torchrun, atomic checkpoints and resume (weights, optimiser, schedule,
+iteration and torch's RNG; the data order and augmentations after a resume are not those of an
+uninterrupted run).
 
 Schemes (``docs/method/training.md``): ``dense`` trains every stage head with p0 = 1; ``finetune``
 ("@Finetune") starts from a trained dense checkpoint and trains with pruning on; ``scratch``
