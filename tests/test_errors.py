@@ -212,3 +212,10 @@ def test_bench_refuses_options_no_measurement_can_take(argv, match, capsys):
     assert main(["bench", "segvit_vit_t16", "--size", "64", "64", *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(match, err), err
+
+
+def test_predict_says_more_when_dtop_costs_more_than_dense():
+    """'-7.3% fewer than dense' read as a contradiction; a negative saving is worded as a cost."""
+    from dtop.apps.predict import vs_dense
+
+    assert vs_dense(31.25) == "31.2% fewer than dense" and vs_dense(-7.3) == "7.3% more than dense"

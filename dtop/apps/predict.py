@@ -57,7 +57,7 @@ def write_image(path: Path, stem: str, rgb: np.ndarray, p: dict[str, Any], out_d
     Image.fromarray(overlay(rgb, colour, alpha)).save(out_dir / f"{stem}_overlay.png")
     reduction = 100 * (1 - p["gflops"] / p["dense_gflops"])
     exit_map_figure(p["exits"], names, out_dir / f"{stem}_exits.png", image=rgb,
-                    title=f"{path.name}: {p['gflops']:.2f} GFLOPs, {reduction:.1f}% fewer than dense")
+                    title=f"{path.name}: {p['gflops']:.2f} GFLOPs, {vs_dense(reduction)}")
     H, W = rgb.shape[:2]
     present = np.bincount(p["label"].ravel(), minlength=len(classes)) / p["label"].size
     return {"file": str(path), "stem": stem, "height": H, "width": W, "gflops": round(p["gflops"], 4),
@@ -78,6 +78,13 @@ def display_colours(palette: Optional[str], num_classes: int, cfg: ExperimentCon
     if note:
         print(f"dtop predict: warning: {note}", file=sys.stderr)
     return colours, classes
+
+
+def vs_dense(reduction_pct: float) -> str:
+    """``"31.2% fewer than dense"``, or ``"4.0% more than dense"`` when the auxiliary heads cost more than the
+    exits save (an untrained model, a tiny image)."""
+    word = "fewer" if reduction_pct >= 0 else "more"
+    return f"{abs(reduction_pct):.1f}% {word} than dense"
 
 
 def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
@@ -181,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                            compile=args.compile)
     for r in result["images"]:
         exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
-        print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({r['reduction_pct']:.1f}% fewer than dense), "
+        print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({vs_dense(r['reduction_pct'])}), "
               f"tokens leaving per stage {exits}")
     print(f"{len(result['images'])} image(s) written to {args.out}" +
           (f"; {len(result['errors'])} could not be read" if result["errors"] else ""))
