@@ -80,3 +80,12 @@ def test_spread_and_forced_exits():
     valid = torch.ones(3, 10, dtype=torch.bool)
     exits = forced_exits(spread(3))(0, torch.rand(3, 10), valid)
     assert exits.sum(1).tolist() == [3, 6, 9]
+
+
+def test_no_exit_shortcut_only_when_no_stage_can_exit():
+    """p0 1 at the first exit stage but not at the second: tokens still leave at the second."""
+    model = tiny_model(heads=("linear", "linear", "linear"), blocks=(1, 2, 3)).eval()
+    model.set_p0([1.0, 0.0])  # every token is confident enough to leave at stage 2 (topk context aside)
+    with torch.no_grad():
+        out = model(images(2))
+    assert (out.exit_stage == 1).any() and not (out.exit_stage == 0).any()

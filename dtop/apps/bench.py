@@ -418,7 +418,8 @@ def run(args: argparse.Namespace) -> None:
     kept = set_allocator(args)
     torch.manual_seed(0)
     model, images, fractions = bench_model(args)
-    linear = use_linear_kernel(model, "aten" if args.compile else args.linear, device)
+    # torch's own linear when compiling (inductor compiles its own) or counting (as a GPU runs it: no oneDNN packing)
+    linear = use_linear_kernel(model, "aten" if args.compile or args.count_ops else args.linear, device)
     if args.compile:
         model.to(device).compile()  # dense and DToP share the compiled blocks: realised against compiled dense
     if args.paths:
@@ -450,7 +451,6 @@ def run(args: argparse.Namespace) -> None:
 def report_op_counts(args: argparse.Namespace, model, layouts: Sequence[str]) -> None:
     if not isinstance(model, DToPSegmentor):
         raise ConfigError("--count-ops counts DToP's early-exit forward; this model runs a token reduction")
-    use_linear_kernel(model, "aten")  # count torch's own linear, as a GPU runs it (no oneDNN weight packing)
     counts = count_forward_ops(model, tuple(args.size), args.count_batches, layouts, args.exit_fractions)
     result = {"model": args.checkpoint or args.name, "size": list(args.size), "counts": counts,
               "exit_fractions": args.exit_fractions or "spread 0.3 ... 0.9 across each batch"}

@@ -35,7 +35,6 @@ class OpCount:
     kernels: int = 0
     syncs: int = 0
     by_sync: Counter = field(default_factory=Counter)
-    by_op: Counter = field(default_factory=Counter)
     depth: int = 0  # > 0 while an operator runs: what its own implementation does is not counted
 
     def add_sync(self, name: str) -> None:
@@ -64,7 +63,6 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         self.count.ops += 1
         self.count.kernels += not (func.is_view or func.overloadpacket in VIEW_LIKE)
-        self.count.by_op[str(func.overloadpacket.__name__)] += 1
         if _is_sync(func, kwargs):
             self.count.add_sync(func.overloadpacket.__name__)
         self.count.depth += 1

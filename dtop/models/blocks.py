@@ -42,17 +42,22 @@ def varlen_kernel_available() -> bool:
     return torch.cuda.is_available()
 
 
-@torch.library.custom_op("dtop::varlen_attention", mutates_args=())
-def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """The packed attention as one registered operator: one dispatched op (one launch on CUDA, where it is
-    torch's variable-length kernel in fp16/bf16), one opaque node with a fake implementation for
-    torch.compile. Elsewhere its body loops over the sequences (the fastest measured on CPU)."""
+def _varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """torch's variable-length kernel on CUDA in fp16/bf16, one SDPA call per sequence elsewhere."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
         from torch.nn.attention.varlen import varlen_attn
 
         cu32 = cu.to(torch.int32)
         return varlen_attn(q, k, v, cu32, cu32, max_len, max_len)
     return _attention_per_sequence(q, k, v, cu)
+
+
+@torch.library.custom_op("dtop::varlen_attention", mutates_args=())
+def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """The packed attention as one registered operator: one dispatched op (one launch on CUDA, where it is
+    torch's variable-length kernel in fp16/bf16), one opaque node with a fake implementation for
+    torch.compile. Elsewhere its body loops over the sequences (the fastest measured on CPU)."""
+    return _varlen(q, k, v, cu, max_len)
 
 
 @_varlen_op.register_fake
@@ -67,12 +72,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) 
     variable-length kernel on CUDA in fp16/bf16)."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _varlen_op(q, k, v, cu, max_len)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu32 = cu.to(torch.int32)
-        return varlen_attn(q, k, v, cu32, cu32, max_len, max_len)
-    return _attention_per_sequence(q, k, v, cu)
+    return _varlen(q, k, v, cu, max_len)
 
 
 def packed_block(blk: nn.Module, x: Tensor, cu: Tensor, max_len: int) -> Tensor:

@@ -71,6 +71,7 @@ class PaddedTokens:
 
     def __init__(self, x: Tensor, pos: Tensor, valid: Optional[Tensor], P: int, N: int) -> None:
         self.x, self.pos, self.valid, self.P, self.N = x, pos, valid, P, N
+        self._counts: Optional[Tensor] = None  # counts(), made once: the blocks do not change it
 
     @classmethod
     def full(cls, x: Tensor, P: int, N: int) -> "PaddedTokens":
@@ -93,7 +94,7 @@ class PaddedTokens:
         self.x = blk(self.x) if mask is None else blk(self.x, attn_mask=mask)
 
     def counts(self) -> Tensor:
-        if getattr(self, "_counts", None) is None:  # computed once: the blocks do not change it
+        if self._counts is None:
             if self.valid is None:
                 self._counts = torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
             else:
@@ -182,6 +183,7 @@ class PerImageTokens:
 
     def __init__(self, xs: list[Tensor], idx: list[Tensor], P: int, N: int) -> None:
         self.xs, self.idx, self.P, self.N = xs, idx, P, N
+        self._counts: Optional[Tensor] = None  # counts(), made once: the blocks do not change it
 
     @classmethod
     def from_padded(cls, t: PaddedTokens) -> "PerImageTokens":
@@ -194,7 +196,7 @@ class PerImageTokens:
         self.xs = [blk(x) if x.shape[1] else x for x in self.xs]
 
     def counts(self) -> Tensor:
-        if getattr(self, "_counts", None) is None:  # computed once: the blocks do not change it
+        if self._counts is None:
             self._counts = torch.tensor([x.shape[1] for x in self.xs])
         return self._counts
 

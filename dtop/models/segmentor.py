@@ -38,8 +38,8 @@ from ..errors import ConfigError
 from ..pruning import confidence, select_exits
 from .backbone import ViTBackbone
 from .canvas import Canvas
-from .config import SegmentorConfig
 from .blocks import packed_block
+from .config import SegmentorConfig
 from .heads import HEADS, HeadOutput, atm_scores
 from .layouts import PaddedTokens, check_layout, default_layout, drop_exits
 from .outputs import SegmentationOutput, StageOutput  # noqa: F401  (StageOutput: its former home)
@@ -207,7 +207,7 @@ class DToPSegmentor(Segmentor):
 
     def can_exit(self) -> bool:
         """Whether a token can leave early in this forward (training runs every head; eval needs a p0 < 1)."""
-        return self.training or self.force_exit is not None or any(p < 1.0 for p in self.p0[:-1] or [1.0])
+        return self.training or self.force_exit is not None or any(p < 1.0 for p in self.p0)
 
     def forward_no_exit(self, images: Tensor) -> SegmentationOutput:
         """The forward where nothing can leave (eval, every p0 >= 1): the dense forward and the bookkeeping
@@ -215,16 +215,15 @@ class DToPSegmentor(Segmentor):
         are the dense model's plus a constant few)."""
         out, grid = self.final_head(images)
         B, N, S, run = images.shape[0], grid[0] * grid[1], self.num_stages, self.stage_blocks[-1] + 1
-        scores = self.to_space(out)
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=images.device)
-        stage = canvas.write(scores, out.logits, out.presence, None, None)
+        stage = canvas.write(self.to_space(out), out.logits, out.presence, None, None)
         counts = torch.tensor([[N + self.backbone.prefix_in_blocks] * run + [0] * (self.backbone.depth - run)] * B)
         head_tokens = torch.tensor([[0] * (S - 1) + [N]] * B)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return SegmentationOutput(
             scores=self.finalise(canvas.scores, out.presence, grid, size), canvas=stage.canvas,
-            exit_stage=torch.full((B, *grid), S - 1, device=images.device), tokens_per_block=counts, head_tokens=head_tokens, image_size=size,
-            stages=[stage])
+            exit_stage=torch.full((B, *grid), S - 1, device=images.device), tokens_per_block=counts,
+            head_tokens=head_tokens, image_size=size, stages=[stage])
 
     def forward(self, images: Tensor) -> SegmentationOutput:
         """DToP forward. images (B, 3, H, W), H and W multiples of the patch size -> SegmentationOutput."""
