@@ -89,3 +89,37 @@ def test_no_exit_shortcut_only_when_no_stage_can_exit():
     with torch.no_grad():
         out = model(images(2))
     assert (out.exit_stage == 1).any() and not (out.exit_stage == 0).any()
+
+
+def test_atm_queries_cached_at_inference_equal_the_computed_ones_and_follow_the_weights():
+    """An ATM head's first-layer query side depends on its weights only: inference reuses it (fewer
+    operations), the outputs equal autograd's (which never uses the cache), and a weight change is seen."""
+    from dtop.models.heads import ATMHead
+
+    torch.manual_seed(0)
+    head = ATMHead(16, 5, dim=8, num_layers=2).eval()
+    x, valid = torch.randn(2, 7, 16), torch.rand(2, 7) > 0.3
+
+    def run(grad: bool):
+        with torch.set_grad_enabled(grad):
+            out = head(x, valid)
+        return out.logits.detach(), out.presence.detach()
+
+    with torch.no_grad():
+        first, _ = count_ops(lambda: head(x, valid))
+        again, _ = count_ops(lambda: head(x, valid))
+    assert again.ops < first.ops - 20
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        head.query.add_(0.5)  # an optimiser step or load_state_dict changes the weights in place
+        head.layers[0].self_attn.v.weight.mul_(2.0)
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    head.layers[0].norm1.weight = torch.nn.Parameter(head.layers[0].norm1.weight * 3)  # a new Parameter
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    import copy
+    import pickle
+    assert "_query_side_cache" not in pickle.loads(pickle.dumps(head)).__dict__
+    assert "_query_side_cache" not in copy.deepcopy(head).__dict__

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,10 +36,20 @@ class OpCount:
     syncs: int = 0
     by_sync: Counter = field(default_factory=Counter)
     depth: int = 0  # > 0 while an operator runs: what its own implementation does is not counted
+    paused: bool = False  # True inside :meth:`uncounted`
 
     def add_sync(self, name: str) -> None:
         self.syncs += 1
         self.by_sync[name] += 1
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Leave out what runs inside (a benchmark's own harness, e.g. a forced exit choice)."""
+        before, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = before
 
     def as_dict(self) -> dict[str, Any]:
         return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "sync_ops": dict(self.by_sync)}
@@ -61,6 +71,8 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.count.paused:
+            return func(*args, **kwargs)
         self.count.ops += 1
         self.count.kernels += not (func.is_view or func.overloadpacket in VIEW_LIKE)
         if _is_sync(func, kwargs):
@@ -79,7 +91,7 @@ def _count_host_copies(count: OpCount) -> Iterator[None]:
 
     def wrap(name: str, orig: Callable) -> Callable:
         def counted(self, *args, **kwargs):
-            if not count.depth:
+            if not count.depth and not count.paused:
                 count.add_sync(name)
             return orig(self, *args, **kwargs)
         return counted
@@ -93,10 +105,11 @@ def _count_host_copies(count: OpCount) -> Iterator[None]:
             setattr(torch.Tensor, name, orig)
 
 
-def count_ops(fn: Callable[[], Any]) -> tuple[OpCount, Any]:
-    """Run ``fn()`` once, counting its dispatched operations and host synchronisations; returns
-    (the count, fn's result). Not thread-safe (patches three ``torch.Tensor`` methods while it runs)."""
-    count = OpCount()
+def count_ops(fn: Callable[[], Any], count: Optional[OpCount] = None) -> tuple[OpCount, Any]:
+    """Run ``fn()`` once, counting its dispatched operations and host synchronisations (into ``count``, a
+    new :class:`OpCount` when None); returns (the count, fn's result). Not thread-safe (patches three
+    ``torch.Tensor`` methods while it runs)."""
+    count = OpCount() if count is None else count
     with _count_host_copies(count), _Counter(count):
         result = fn()
     return count, result
