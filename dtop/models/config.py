@@ -20,6 +20,7 @@ class StageSpec:
     head_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+EXIT_MODES = ("threshold", "budget")
 REDUCTIONS = ("conv", "avgpool", "nearest", "shrunk", "expedite")
 
 
@@ -78,8 +79,14 @@ class SegmentorConfig:
     :class:`~dtop.models.segmentor.DToPSegmentor`, or with ``reduction`` a
     :class:`~dtop.models.reduction.ReducedSegmentor`.
 
+    exit_mode: ``"threshold"`` (the paper's rule: tokens with confidence > p0 exit) or ``"budget"``
+    (every image exits exactly ``round(exit_ratio * N)`` of its N tokens at each non-final stage, its most
+    confident ones; fixed shapes for deployment, ``docs/method/exit-rule.md``).
     p0: exit threshold, one float for all non-final stages or a list with one per non-final
-    stage; ``p0 >= 1`` disables pruning. topk: context tokens kept per predicted class.
+    stage; ``p0 >= 1`` disables pruning. exit_ratio: budget mode's fraction of the N tokens that exit
+    at each non-final stage (one float for all, or one per stage; their sum below 1); p_min: budget
+    mode's confidence floor (only tokens above it may exit; the count becomes an upper bound).
+    topk: context tokens kept per predicted class.
     cls_mode: ``"segvit"`` (prefix tokens dropped before the blocks) or ``"segmenter"``
     (kept through the blocks, dropped before decoding). final_norm: apply the ViT's final
     LayerNorm to the tokens of the last stage head.
@@ -89,6 +96,9 @@ class SegmentorConfig:
     num_classes: int = 150
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(5), StageSpec(7), StageSpec(11)])
     p0: Union[float, list[float]] = 0.9
+    exit_mode: str = "threshold"
+    exit_ratio: Union[float, list[float]] = 0.0
+    p_min: float = 0.0
     topk: int = 5
     cls_mode: str = "segvit"
     final_norm: bool = False
@@ -109,6 +119,22 @@ class SegmentorConfig:
             raise ConfigError(f"p0 has {len(p0)} values but the model has {n} non-final stages")
         return p0
 
+    def exit_ratio_per_stage(self) -> list[float]:
+        """Budget mode's exit fraction per non-final stage; ConfigError when a value is outside [0, 1), the
+        count is wrong or the fractions sum to 1 or more (the final stage needs tokens)."""
+        n = len(self.stages) - 1
+        r = self.exit_ratio
+        ratios = [r] * n if isinstance(r, (int, float)) and not isinstance(r, bool) else list(r)
+        if len(ratios) != n:
+            raise ConfigError(f"exit_ratio has {len(ratios)} values but the model has {n} non-final stages")
+        for v in ratios:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ConfigError(f"exit_ratio values are fractions of the tokens in [0, 1), got {v!r}")
+        if sum(ratios) >= 1:
+            raise ConfigError(f"exit_ratio {ratios} sums to {sum(ratios):g}: the stages together must leave some "
+                              f"tokens for the final head (sum below 1)")
+        return [float(v) for v in ratios]
+
     def validate(self) -> None:
         """ConfigError naming the first inconsistent setting."""
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) or self.num_classes < 1:
@@ -126,6 +152,13 @@ class SegmentorConfig:
         if self.topk < 0:
             raise ConfigError(f"topk must be >= 0, got {self.topk}")
         self.p0_per_stage()
+        if self.exit_mode not in EXIT_MODES:
+            raise unknown_name("exit_mode", self.exit_mode, EXIT_MODES)
+        self.exit_ratio_per_stage()
+        if isinstance(self.p_min, bool) or not isinstance(self.p_min, (int, float)) or not 0 <= self.p_min < 1:
+            raise ConfigError(f"p_min (budget mode's confidence floor) must be in [0, 1), got {self.p_min!r}")
+        if self.exit_mode == "budget" and self.reduction is not None:
+            raise ConfigError("exit_mode budget is DToP's; a token-reduction alternative has no exits")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

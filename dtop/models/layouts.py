@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import unknown_name
-from ..pruning import compact, gather_tokens, pad_positions
+from ..pruning import compact, gather_tokens, kept_columns, pad_positions
 from .blocks import packed_block
 from .heads import HeadOutput
 
@@ -104,6 +104,12 @@ class PaddedTokens:
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         valid = self.valid if self.valid is not None else torch.ones_like(self.pos, dtype=torch.bool)
         return head(self.x[:, self.P:], self.valid), self.pos, valid
+
+    def keep_exactly(self, keep: Tensor, count: int) -> "PaddedTokens":
+        """The tokens where ``keep`` (B, L), when every image keeps exactly ``count`` (budget exits, no padding
+        in ``self``): a (B, P + count, C) batch without padding. Fixed shapes, no host sync."""
+        cols = kept_columns(keep, count)
+        return PaddedTokens(gather_tokens(self.x, cols, offset=self.P), self.pos.gather(1, cols), None, self.P, self.N)
 
     def prune(self, keep: Tensor) -> "PaddedTokens":
         """Each image's kept tokens compacted to the front, in their original order."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..pruning import confidence, select_exits
+from ..pruning import confidence, select_budget, select_exits
 from .backbone import ViTBackbone
 from .canvas import Canvas
 from .blocks import packed_block
@@ -159,6 +159,9 @@ class DToPSegmentor(Segmentor):
                               f"with dtop.create_model / dtop.models.build_model, which return a ReducedSegmentor")
         super().__init__(cfg)
         self.p0 = cfg.p0_per_stage()
+        self.exit_mode = cfg.exit_mode
+        self.exit_ratio = cfg.exit_ratio_per_stage()
+        self.p_min = float(cfg.p_min)
         self.topk = cfg.topk
         self.layout = "auto"
         self.bucket = False  # padded layout only: group images of similar kept length
@@ -184,30 +187,68 @@ class DToPSegmentor(Segmentor):
         self.set_layout(layout, self.bucket)
 
     def set_p0(self, p0) -> None:
-        """Set the exit threshold(s): a float for every non-final stage or a list, one per non-final stage."""
-        self.cfg.p0 = p0
-        self.p0 = self.cfg.p0_per_stage()
+        """The threshold rule (``exit_mode`` ``"threshold"``) at ``p0``: a float for every non-final stage or
+        a list, one per non-final stage. ConfigError for a wrong count."""
+        self.cfg.p0, self.cfg.exit_mode = p0, "threshold"
+        self.p0, self.exit_mode = self.cfg.p0_per_stage(), "threshold"
+
+    def set_budget(self, exit_ratio, p_min: float = 0.0) -> None:
+        """The budget rule (``exit_mode`` ``"budget"``): at each non-final stage every image exits exactly
+        ``round(exit_ratio[s] * N)`` of its N tokens (a float for every stage or one per stage), only tokens
+        with confidence above ``p_min`` when it is > 0 (the count is then an upper bound).
+        ConfigError for ratios outside [0, 1), a wrong count or a sum of 1 or more."""
+        old = (self.cfg.exit_ratio, self.cfg.p_min, self.cfg.exit_mode)
+        self.cfg.exit_ratio, self.cfg.p_min, self.cfg.exit_mode = exit_ratio, p_min, "budget"
+        try:
+            self.cfg.validate()
+        except ConfigError:
+            self.cfg.exit_ratio, self.cfg.p_min, self.cfg.exit_mode = old
+            raise
+        self.exit_ratio, self.p_min, self.exit_mode = self.cfg.exit_ratio_per_stage(), float(p_min), "budget"
+
+    def exits_at(self, stage: int) -> bool:
+        """Whether the exit rule can make a token leave at non-final stage ``stage``."""
+        if self.exit_mode == "budget":
+            return self.exit_ratio[stage] > 0
+        return self.p0[stage] < 1.0
+
+    def exact_budget(self) -> bool:
+        """Whether every image exits exactly its budget (budget mode, no floor, no override): the kept tokens
+        of a batch then stay one (B, n, C) tensor."""
+        return self.exit_mode == "budget" and self.p_min <= 0 and self.force_exit is None
 
     def idle(self, stage: int) -> bool:
         """In eval, a non-final head where no token can leave is skipped: a later head overwrites all it writes."""
-        return stage < self.num_stages - 1 and not self.training and self.p0[stage] >= 1.0
+        return stage < self.num_stages - 1 and not self.training and not self.exits_at(stage)
 
-    def decide_exits(self, stage: int, out: HeadOutput, valid: Tensor, check_any: bool = True) -> Optional[Tensor]:
+    def budget(self, stage: int, num_tokens: int) -> int:
+        """Budget mode's exits per image at non-final ``stage`` for an image of ``num_tokens`` patch tokens."""
+        return int(round(self.exit_ratio[stage] * num_tokens))
+
+    def decide_exits(self, stage: int, out: HeadOutput, valid: Tensor, check_any: bool = True,
+                     num_tokens: Optional[int] = None) -> Optional[Tensor]:
         """Exit decisions after stage head ``stage`` (``docs/method/exit-rule.md``): (B, L) bool over the
         columns of ``out`` (``valid`` (B, L) marks real tokens), or None when no token can leave here (and,
-        with ``check_any``, a host sync, when none does)."""
-        if stage == self.num_stages - 1 or self.p0[stage] >= 1.0:
+        with ``check_any``, a host sync, when none does). Budget mode needs ``num_tokens``, the image's N."""
+        if stage == self.num_stages - 1 or not self.exits_at(stage):
             return None
         with torch.no_grad():
             conf, label = confidence(out.probs().float())
-            exits = select_exits(conf, label, self.p0[stage], self.topk, valid, self.num_classes)
+            if self.exit_mode == "budget":
+                if num_tokens is None:
+                    raise ValueError("budget exits need num_tokens, the number of patch tokens of the image")
+                count = min(self.budget(stage, num_tokens), conf.shape[1])
+                exits = select_budget(conf, label, count, self.topk, valid, self.p_min, self.num_classes)
+            else:
+                exits = select_exits(conf, label, self.p0[stage], self.topk, valid, self.num_classes)
         if self.force_exit is not None:
             exits = self.force_exit(stage, conf, valid)
         return exits if not check_any or bool(exits.any()) else None
 
     def can_exit(self) -> bool:
-        """Whether a token can leave early in this forward (training runs every head; eval needs a p0 < 1)."""
-        return self.training or self.force_exit is not None or any(p < 1.0 for p in self.p0)
+        """Whether a token can leave early in this forward (training runs every head; eval needs a stage
+        whose rule lets tokens leave: a p0 < 1, or an exit ratio > 0 in budget mode)."""
+        return self.training or self.force_exit is not None or any(map(self.exits_at, range(self.num_stages - 1)))
 
     def forward_no_exit(self, images: Tensor) -> SegmentationOutput:
         """The forward where nothing can leave (eval, every p0 >= 1): the dense forward and the bookkeeping
@@ -246,10 +287,17 @@ class DToPSegmentor(Segmentor):
             out, pos, valid = tokens.decode(partial(self.decode, stage))
             head_tokens[:, stage] = valid.sum(1)
             stages.append(canvas.write(self.to_space(out), out.logits, out.presence, pos, valid))
-            exits = self.decide_exits(stage, out, valid, check_any=layout != "packed")
+            exact = (self.exact_budget() and self.layout != "per_image" and isinstance(tokens, PaddedTokens)
+                     and tokens.valid is None)
+            exits = self.decide_exits(stage, out, valid, check_any=layout != "packed" and not exact,
+                                      num_tokens=tokens.N)
             if exits is not None:
                 canvas.mark_exits(stage, exits, pos)
-                tokens = drop_exits(tokens, exits, layout, self.bucket)
+                if exact:  # every image exits exactly its budget: the kept tokens stay one (B, n, C) tensor
+                    tokens = tokens.keep_exactly(~exits, exits.shape[1] - min(self.budget(stage, tokens.N),
+                                                                              exits.shape[1]))
+                else:
+                    tokens = drop_exits(tokens, exits, layout, self.bucket)
         del tokens, out, x  # free the token features before the full-resolution upsampling (peak memory)
         tokens_per_block = F.pad(torch.stack(per_block, 1), (0, depth - len(per_block)))
         size = (int(images.shape[-2]), int(images.shape[-1]))

@@ -64,6 +64,44 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Opti
     return easy & ~stays
 
 
+def select_budget(conf: Tensor, label: Tensor, count: int, k: int = 5, valid: Optional[Tensor] = None,
+                  p_min: float = 0.0, num_classes: Optional[int] = None) -> Tensor:
+    """Budget exits (``docs/method/exit-rule.md``, "Budget mode"): in every image exactly ``count`` tokens
+    exit, its most confident ones, with the context rule applied among them: the ``k`` most confident
+    tokens of each predicted class stay (as :func:`select_exits` keeps them) and the next most confident
+    take their places. Only when an image has fewer than ``count`` other tokens do context tokens exit too
+    (most confident first), so the count stays exact. With ``p_min`` > 0 only tokens with ``conf > p_min``
+    may exit, which makes ``count`` an upper bound.
+
+    conf, label: (B, L); valid: (B, L) bool, the tokens in play (default all). Returns the exit mask
+    (B, L) bool: ``min(count, number of eligible tokens)`` True per row. Ties go to the lower column.
+    Fixed shapes and no host sync (exportable). Raises ValueError for a negative count or a count above L."""
+    if conf.shape != label.shape or conf.dim() != 2:
+        raise ValueError(f"conf and label must both be (B, L), got {tuple(conf.shape)} and {tuple(label.shape)}")
+    B, L = conf.shape
+    if not 0 <= count <= L:
+        raise ValueError(f"budget of {count} exits per image, but only {L} tokens are in play")
+    eligible = conf > p_min if p_min > 0 else torch.ones_like(conf, dtype=torch.bool)
+    if valid is not None:
+        eligible = eligible & valid
+    if count == 0:
+        return torch.zeros_like(eligible)
+    others = select_exits(conf, label, -1.0, k, eligible, num_classes)  # eligible, not a context token
+    # priority: non-context tokens first (+2), then context tokens (+0), by confidence; -1: never
+    key = torch.where(others, conf.float() + 2.0, torch.where(eligible, conf.float(), conf.new_full((), -1.0).float()))
+    chosen = torch.sort(key, dim=1, descending=True, stable=True)[1][:, :count]
+    return torch.zeros_like(eligible).scatter(1, chosen, key.gather(1, chosen) >= 0)
+
+
+def kept_columns(keep: Tensor, count: int) -> Tensor:
+    """The columns of ``keep`` (B, L) bool that hold True, in order, when every row holds exactly ``count``:
+    (B, count) long. Fixed shapes, no host sync (the budget layout's prune)."""
+    L = keep.shape[1]
+    col = torch.arange(L, device=keep.device).expand_as(keep)
+    key = torch.where(keep, col, col + L)  # kept columns first, each group in column order
+    return torch.sort(key, dim=1)[0][:, :count] % L
+
+
 def gather_tokens(x: Tensor, idx: Tensor, offset: int = 0) -> Tensor:
     """Rows ``idx`` of ``x`` (B, T, C), keeping the first ``offset`` rows (prefix tokens such as CLS).
 
