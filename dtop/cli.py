@@ -8,12 +8,12 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from .apps import bench, compare, demo, evaluate, info, predict, report, train, weights
+from .apps import bench, calibrate, compare, demo, evaluate, export, info, predict, report, train, weights
 from .apps.common import App
 from .errors import DToPError, Interrupted, deferred_interrupts, interrupts_raise
 
 APPS: list[App] = [info.MODELS, info.FLOPS, info.PAPER_TABLE_APP, train.APP, evaluate.APP, predict.APP, report.APP,
-                   compare.APP, bench.APP, demo.APP, weights.APP]
+                   compare.APP, bench.APP, calibrate.APP, export.APP, demo.APP, weights.APP]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ every checkpoint and result."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, unknown_name
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DataSection:
     ignore_index: int = 255  # the label id that means "ignore" (label files, loss, metrics); not a class id
 
 
+EXIT_MODES = ("threshold", "budget")  # DToP's exit rules (docs/method/exit-rule.md)
+
+
 @dataclass
 class TrainSection:
     """scheme: ``dense`` (all heads, p0 = 1), ``finetune`` (load ``init_checkpoint``, a trained dense
@@ -56,6 +60,9 @@ class TrainSection:
     scheme: str = "dense"
     init_checkpoint: Optional[str] = None
     p0: Union[float, list[float]] = 0.9
+    exit_mode: str = "threshold"  # or "budget": exit_ratio (and p_min) instead of p0 (docs/method/exit-rule.md)
+    exit_ratio: Union[float, list[float]] = 0.5
+    p_min: float = 0.0
     iters: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
@@ -75,12 +82,19 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    """mode ``whole`` (pad to the patch size) or ``slide`` (window/stride, overlaps averaged)."""
+    """mode ``whole`` (pad to the patch size) or ``slide`` (window/stride, overlaps averaged).
+    exit_mode ``threshold``: DToP at each ``p0``; ``budget``: DToP with ``exit_ratio`` (one value per
+    non-final stage, or one for all) and ``p_min``. ``target_gflops``: what ``dtop calibrate`` aimed at,
+    reported beside the achieved GFLOPs."""
 
     mode: str = "whole"
     window: list[int] = field(default_factory=lambda: [512, 512])
     stride: list[int] = field(default_factory=lambda: [341, 341])
     p0: list[float] = field(default_factory=lambda: [0.9])
+    exit_mode: str = "threshold"
+    exit_ratio: Union[float, list[float]] = 0.5
+    p_min: float = 0.0
+    target_gflops: Optional[float] = None
     max_images: Optional[int] = None
 
     def check_windows(self) -> None:
@@ -117,6 +131,10 @@ class ExperimentConfig:
             raise ConfigError(f"eval.mode must be whole or slide, got {self.eval.mode!r}")
         if self.eval.mode == "slide":
             self.eval.check_windows()
+        for where in ("train", "eval"):
+            mode = getattr(self, where).exit_mode
+            if mode not in EXIT_MODES:
+                raise unknown_name(f"{where}.exit_mode", mode, EXIT_MODES)
         for name in ("iters", "batch_size", "grad_accum"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
@@ -243,4 +261,11 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def save_config(cfg: ExperimentConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """``cfg`` as YAML at ``path``, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from ..models import DToPSegmentor, Segmentor, create_model, load_model
 from ..models.blocks import varlen_kernel_available
 from ..models.layouts import LAYOUTS, default_layout
 from ..models.packed import use_linear_kernel
-from .common import App, add_allocator, add_linear, set_allocator
+from .common import App, add_allocator, add_exit_options, add_linear, apply_exit_setting, exit_setting, set_allocator
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -255,8 +255,8 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
     batch = min(batch, len(images))
     model.eval().to(device)
     images = images.to(device)
-    saved_p0 = model.cfg.p0
     dtop_model = isinstance(model, DToPSegmentor)  # else a token-reduction alternative: no exits, no layouts
+    saved_rule = model.exit_rule() if dtop_model else None
     if exit_fractions is not None and dtop_model:  # the override replaces the decisions; p0 < 1 makes them run
         model.set_p0(0.5)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -277,7 +277,7 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
                                                     flops["flop_ratio_batch1"], alone, ratios_b1)
     model.force_exit = None
     if dtop_model:
-        model.set_p0(saved_p0)
+        model.set_exit_rule(saved_rule)
     main = result["layouts"][layouts[0]]
     result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
                                         "peak_mem_dtop_mb")})
@@ -294,6 +294,9 @@ def realised(time_ratio: float, flop_ratio: float) -> float:
 
 def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[list[float]]]:
     """The model, the images and the forced exit fractions (None: the heads decide) the options ask for."""
+    budget = exit_setting(args)
+    if budget is not None and (args.p0 is not None or args.exit_fractions is not None):
+        raise ConfigError("--exit-ratio / --exit-mode budget choose the exits: drop --p0 and --exit-fractions")
     if args.checkpoint:
         if not args.images:
             raise ConfigError("--checkpoint needs --images DIR (real images to prune)")
@@ -304,14 +307,17 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
         elif args.p0 is not None:
             print(f"dtop bench: warning: --p0 has no effect: {args.checkpoint} runs the {model.reducer.kind} token "
                   f"reduction, not early exit", file=sys.stderr)
+        apply_exit_setting(model, budget, "dtop bench")
         images = load_images(args.images, tuple(args.size), args.batch)
         if len(images) < args.batch:
             print(f"dtop bench: warning: {args.images} holds {len(images)} image(s), fewer than --batch {args.batch}: "
                   f"the mixed batch has {len(images)}", file=sys.stderr)
         return model, images, None
     n = args.batch
-    heads_decide = args.p0 is not None and args.exit_fractions is None  # the untrained heads, at this p0
-    model = create_model(args.name, num_classes=args.num_classes, p0=args.p0 if heads_decide else 0.5)
+    # the untrained heads decide at this p0, or under the budget rule (which exits exact counts whatever they say)
+    heads_decide = (args.p0 is not None or budget is not None) and args.exit_fractions is None
+    model = create_model(args.name, num_classes=args.num_classes, p0=args.p0 if args.p0 is not None else 0.5)
+    apply_exit_setting(model, budget, "dtop bench")
     args.size = args.size or list(default_size(model))
     images = torch.randn(args.batch, 3, *args.size)
     fractions = None if heads_decide else (args.exit_fractions or [0.1 + 0.6 * i / max(1, n - 1) for i in range(n)])
@@ -330,7 +336,7 @@ def count_forward_ops(model: DToPSegmentor, size: tuple[int, int], batches: Sequ
     a 0.3 ... 0.9 spread across each batch) and of DToP where nothing can leave (p0 1), at each batch size.
     Random inputs on the model's device; the counts do not depend on the values."""
     device = next(model.parameters()).device
-    p0, force, layout = list(model.p0), model.force_exit, model.layout
+    rule, force, layout = model.exit_rule(), model.force_exit, model.layout
     rows: dict[str, Any] = {}
     try:
         for B in batches:
@@ -356,7 +362,7 @@ def count_forward_ops(model: DToPSegmentor, size: tuple[int, int], batches: Sequ
                 row["p0_1"] = count_ops(lambda: model(x))[0].as_dict()
             rows[str(B)] = row
     finally:
-        model.set_p0(p0)
+        model.set_exit_rule(rule)
         model.force_exit, model.layout = force, layout
     return rows
 
@@ -403,6 +409,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                          "p0 1) at each --count-batches size; forced exits: --exit-fractions, else a spread "
                          "0.3 ... 0.9 across each batch")
     sp.add_argument("--count-batches", type=int, nargs="+", default=[1, 8, 32])
+    add_exit_options(sp)
     add_allocator(sp)
     add_linear(sp)
 

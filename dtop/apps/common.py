@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..config import EXIT_MODES
 from ..engine.common import keep_freed_memory
+from ..engine.evaluate import resolved_budget
+from ..errors import ConfigError
 from ..models.packed import LINEAR_KERNELS
 
 
@@ -42,3 +46,53 @@ def add_linear(sp: argparse.ArgumentParser) -> None:
                     help="linear layers in fp32 CPU inference: onednn packs the weights once for oneDNN "
                          "(faster, above all on few tokens); aten is torch's default (MKL sgemm); "
                          "auto: onednn on CPU where this torch has it")
+
+
+def add_exit_options(sp: argparse.ArgumentParser) -> None:
+    """``--exit-mode``, ``--exit-ratio``, ``--p-min``: the budget exit rule (``docs/method/exit-rule.md``)."""
+    g = sp.add_argument_group("exit rule (default: the threshold rule at p0)")
+    g.add_argument("--exit-mode", choices=EXIT_MODES, default=None,
+                   help="threshold: tokens more confident than p0 exit; budget: every image exits a fixed share "
+                        "of its tokens at each non-final stage (fixed shapes: export, CUDA graphs)")
+    g.add_argument("--exit-ratio", type=float, nargs="+", default=None, metavar="R",
+                   help="budget mode: the share of each image's tokens that exits at each non-final stage "
+                        "(one value for all stages or one per stage; implies --exit-mode budget)")
+    g.add_argument("--p-min", type=float, default=None,
+                   help="budget mode: only tokens more confident than this may exit (the budget becomes an upper bound)")
+
+
+def exit_setting(args: argparse.Namespace, section=None) -> Optional[dict]:
+    """The budget rule the options (or, where they say nothing, the config ``section``'s ``exit_mode``,
+    ``exit_ratio``, ``p_min``) ask for: ``{"exit_ratio": ..., "p_min": ...}`` for
+    :meth:`~dtop.models.DToPSegmentor.set_budget`, or None for the threshold rule. ConfigError for
+    contradictory options."""
+    mode = getattr(args, "exit_mode", None)
+    ratio, p_min = getattr(args, "exit_ratio", None), getattr(args, "p_min", None)
+    if mode == "threshold" and (ratio is not None or p_min is not None):
+        raise ConfigError("--exit-ratio and --p-min belong to --exit-mode budget, not threshold")
+    if mode is None:
+        mode = "budget" if ratio is not None else (section.exit_mode if section is not None else "threshold")
+    if mode != "budget":
+        if p_min is not None:
+            raise ConfigError("--p-min needs budget mode: add --exit-ratio R (or --exit-mode budget)")
+        return None
+    if ratio is None:
+        if section is None:
+            return {}  # budget mode at the checkpoint's own ratios
+        ratio = section.exit_ratio
+    if p_min is None:
+        p_min = section.p_min if section is not None else 0.0
+    return {"exit_ratio": ratio[0] if isinstance(ratio, list) and len(ratio) == 1 else ratio, "p_min": p_min}
+
+
+def apply_exit_setting(model, setting: Optional[dict], who: str) -> None:
+    """Put a DToP ``model`` in the budget mode ``setting`` asks for (None: leave it); ``{}``: the checkpoint's own
+    ratios (ConfigError when the checkpoint has none). A warning, naming ``who``, for models without exits."""
+    if setting is None:
+        return
+    if not hasattr(model, "set_budget"):
+        print(f"{who}: warning: budget exits have no effect: the model runs the {model.reducer.kind} token "
+              f"reduction, not early exit", file=sys.stderr)
+        return
+    model.set_budget(**resolved_budget(model, setting))
+

@@ -22,13 +22,13 @@ from typing import Any, Optional, Sequence
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, load_config, save_config
 from ..engine.common import experiment_dataset, progress_enabled, resolve_device
-from ..engine.evaluate import evaluate, interrupted_evaluation, write_results
+from ..engine.evaluate import budget_variant, evaluate, interrupted_evaluation, resolved_budget, write_results
 from ..engine.train import LAST, train
 from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
 from ..jsonio import write_json
 from ..models import load_model
 from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
-from .common import App, add_set
+from .common import App, add_exit_options, add_set, exit_setting
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
 TABLE2 = ("expedite",)
@@ -88,9 +88,9 @@ def finetune_all(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, me
 
 def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict[str, str], out_dir: Path,
                  methods: Sequence[str], p0s: Sequence[float], specs: dict[str, ReductionSpec],
-                 verbose: bool = True) -> list[dict[str, Any]]:
+                 verbose: bool = True, budget: Optional[dict] = None) -> list[dict[str, Any]]:
     """Evaluate the dense model and every method on the same validation images into ``out_dir/eval/<name>``;
-    returns the table rows, dense first."""
+    returns the table rows, dense first. ``budget``: DToP under the budget rule instead of at each p0."""
     device = resolve_device(cfg.train.device)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     rows: list[dict[str, Any]] = []
@@ -118,7 +118,12 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
                 run(m, load_model(checkpoints[m], device), True, None, m)
             elif m == "dtop":
                 model = load_model(checkpoints[m], device)
-                for p in p0s:
+                if budget is not None:
+                    setting = resolved_budget(model, budget)
+                    model.set_budget(**setting)
+                    run(budget_variant(setting), model, False, None, "dtop")
+                    rows[-1]["exit_ratio"] = model.exit_ratio
+                for p in p0s if budget is None else []:
                     model.set_p0(float(p))
                     run(f"dtop_p0_{p:g}", model, False, float(p), "dtop")
             else:
@@ -132,7 +137,7 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
 
 def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, methods: Sequence[str] = METHODS,
                 p0s: Optional[Sequence[float]] = None, specs: Optional[dict[str, ReductionSpec]] = None,
-                verbose: bool = True) -> dict[str, Any]:
+                verbose: bool = True, budget: Optional[dict] = None) -> dict[str, Any]:
     """Fine-tune, evaluate and tabulate; returns the ``compare.json`` content. ConfigError for an unknown
     method or a missing dense checkpoint."""
     for m in methods:
@@ -149,7 +154,7 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     checkpoints = finetune_all(cfg, dense_checkpoint, out_dir, methods, specs, verbose)
-    rows = evaluate_all(cfg, dense_checkpoint, checkpoints, out_dir, methods, p0s, specs, verbose)
+    rows = evaluate_all(cfg, dense_checkpoint, checkpoints, out_dir, methods, p0s, specs, verbose, budget)
     base = rows[0]
     for r in rows:
         r["gflops_reduction_pct"] = round(100 * (1 - r["gflops"] / base["gflops"]), 2)
@@ -169,7 +174,8 @@ def comparison_table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
         [r for r in rows if r["method"] in kinds] + [r for r in rows if r["method"] == "dtop"]
     out = ["| method | fine-tuned | GFLOPs | GFLOPs saved | mIoU | mIoU vs dense |", "|---|---|---|---|---|---|"]
     for r in picked:
-        label = r["label"] + (f" (p0 {r['p0']:g})" if r["p0"] is not None else "")
+        label = r["label"] + (f" (p0 {r['p0']:g})" if r["p0"] is not None else "") + \
+            (f" (budget {', '.join(f'{v:g}' for v in r['exit_ratio'])})" if r.get("exit_ratio") else "")
         tuned = "yes" if r["trained"] else ("no" if r["method"] != "dense" else "")
         out.append(f"| {label} | {tuned} | {r['gflops']:.3f} | {r['gflops_reduction_pct']:.1f}% | {r['miou']:.2f} | "
                    f"{r['miou_delta']:+.2f} |")
@@ -186,13 +192,18 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--p0", type=float, nargs="+", default=None, help="DToP thresholds (default: eval.p0)")
     sp.add_argument("--reduction", action="append", default=[], metavar="KIND[,key=value...]",
                     help="settings of an alternative, e.g. expedite,cluster_scale=0.5 (repeatable)")
+    add_exit_options(sp)
     add_set(sp)
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
-    result = run_compare(cfg, args.checkpoint, Path(args.out), methods=args.methods, p0s=args.p0, specs=specs)
+    budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)
+    if budget is not None and args.exit_ratio is not None:  # fine-tune DToP under the rule it is evaluated with
+        cfg.train.exit_mode, cfg.train.exit_ratio, cfg.train.p_min = "budget", budget["exit_ratio"], budget["p_min"]
+    result = run_compare(cfg, args.checkpoint, Path(args.out), methods=args.methods, p0s=args.p0, specs=specs,
+                         budget=budget)
     print("\nTable 1: symmetric downsampling and SegViT shrunk vs DToP\n" + comparison_table(result["rows"], TABLE1))
     print("\nTable 2: Expedite-ViT vs DToP\n" + comparison_table(result["rows"], TABLE2))
     print(f"\nwritten: {Path(args.out) / 'compare.json'}, table1.md, table2.md")

@@ -8,7 +8,7 @@ from ..config import load_config
 from ..engine import run_evaluation, summary_table
 from ..engine.evaluate import eval_dir
 from ..models.config import parse_reduction
-from .common import App, add_set
+from .common import App, add_exit_options, add_set, exit_setting
 from .report import build_report
 
 
@@ -25,15 +25,17 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                          "(e.g. expedite,block=5,cluster_scale=0.75: training-free)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
     sp.add_argument("--figures", action="store_true", help="also write the figures and report.html (dtop report)")
+    add_exit_options(sp)
     add_set(sp)
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
+    budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0
-    rows = run_evaluation(cfg, args.checkpoint, p0s, with_dense=not args.no_dense, out_dir=args.out,
-                          dense_checkpoint=args.dense_checkpoint, reduction=parse_reduction(args.reduction),
-                          compile=args.compile)
+    rows = run_evaluation(cfg, args.checkpoint, [] if budget is not None else p0s, with_dense=not args.no_dense,
+                          out_dir=args.out, dense_checkpoint=args.dense_checkpoint,
+                          reduction=parse_reduction(args.reduction), compile=args.compile, budget=budget)
     print("\n" + summary_table(rows))
     if args.figures:
         print(f"report: {build_report(eval_dir(args.checkpoint, args.out), device=cfg.train.device)}")

@@ -23,12 +23,12 @@ from ..data import EvalTransform, image_files, read_image
 from ..data.meta import named_display_meta, trained_display_meta
 from ..engine.common import normalisation, progress_enabled, resolve_device
 from ..engine.evaluate import predict
-from ..errors import InputError, Interrupted, deferred_interrupts
+from ..errors import ConfigError, InputError, Interrupted, deferred_interrupts
 from ..jsonio import write_json
 from ..models import DToPSegmentor, load_model
 from ..models.packed import use_linear_kernel
 from ..viz import colorize, exit_map_figure, overlay
-from .common import App, add_allocator, add_linear, set_allocator
+from .common import App, add_allocator, add_exit_options, add_linear, apply_exit_setting, exit_setting, set_allocator
 
 
 def stage_names(model) -> list[str]:
@@ -89,11 +89,13 @@ def vs_dense(reduction_pct: float) -> str:
 
 def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
                   palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
-                  progress: bool = False, linear: str = "auto", compile: bool = False) -> dict[str, Any]:
+                  progress: bool = False, linear: str = "auto", compile: bool = False,
+                  budget: Optional[dict] = None) -> dict[str, Any]:
     """Run the checkpoint on every image; returns the ``predictions.json`` content. Ctrl-C (or SIGTERM under
     the CLI): :class:`~dtop.errors.Interrupted`, the images done listed in a partial ``predictions.json``.
     ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`);
-    ``compile``: torch.compile the blocks and heads (:meth:`~dtop.models.Segmentor.compile`; torch's linear)."""
+    ``compile``: torch.compile the blocks and heads (:meth:`~dtop.models.Segmentor.compile`; torch's linear);
+    ``budget``: the budget exit rule (:func:`dtop.apps.common.exit_setting`), instead of the checkpoint's rule."""
     state = load_checkpoint(checkpoint)
     cfg, recorded = config_from_dict(state.get("config") or {}), state.get("dataset")
     del state  # the weights are loaded again by load_model
@@ -108,6 +110,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     elif p0 is not None:
         print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
               f"reduction, not early exit", file=sys.stderr)
+    apply_exit_setting(model, budget, "dtop predict")
     colours, classes = display_colours(palette, model.num_classes, cfg, recorded)
     mean, std = normalisation(cfg)
     transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
@@ -118,8 +121,10 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names, rows, used = stage_names(model), [], set()
-    result = {"checkpoint": str(checkpoint), "p0": model.p0 if dtop_model else None, "stages": names, "images": rows, "errors": errors,
-              "config": cfg.to_dict()}
+    result = {"checkpoint": str(checkpoint), "p0": model.p0 if dtop_model and model.exit_mode == "threshold" else None,
+              **({"exit_mode": model.exit_mode, "exit_ratio": model.exit_ratio, "p_min": model.p_min}
+                 if dtop_model and model.exit_mode == "budget" else {}),
+              "stages": names, "images": rows, "errors": errors, "config": cfg.to_dict()}
     try:
         for path in tqdm(files, desc="predict", disable=not progress):
             try:
@@ -177,15 +182,18 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
+    add_exit_options(sp)
     add_allocator(sp)
     add_linear(sp)
 
 
 def run(args: argparse.Namespace) -> int:
     set_allocator(args)
+    if args.p0 is not None and (args.exit_mode == "budget" or args.exit_ratio is not None):
+        raise ConfigError("--p0 sets the threshold rule; --exit-ratio / --exit-mode budget the budget rule: give one")
     result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
                            device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear,
-                           compile=args.compile)
+                           compile=args.compile, budget=exit_setting(args))
     for r in result["images"]:
         exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
         print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({vs_dense(r['reduction_pct'])}), "

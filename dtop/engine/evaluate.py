@@ -172,6 +172,10 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         "num_images": len(rows), "variant": variant_kind(model, dense),
         "p0": model.p0 if isinstance(model, DToPSegmentor) and not dense else None,
     }
+    if isinstance(model, DToPSegmentor) and not dense:
+        metrics["exit_mode"] = model.exit_mode
+        if model.exit_mode == "budget":
+            metrics.update(exit_ratio=model.exit_ratio, p_min=model.p_min, p0=None)
     return metrics, rows
 
 
@@ -265,7 +269,8 @@ def _compiled(model, compile: bool):
 
 def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float], with_dense: bool = True,
                    out_dir: Optional[Path] = None, dense_checkpoint: Optional[str] = None,
-                   verbose: bool = True, reduction=None, compile: bool = False) -> list[dict[str, Any]]:
+                   verbose: bool = True, reduction=None, compile: bool = False,
+                   budget: Optional[dict] = None) -> list[dict[str, Any]]:
     """Evaluate a checkpoint densely and at each p0; writes ``<out>/<variant>/{metrics.json,per_image.csv}``
     and ``<out>/summary.json``; returns the summary rows (name, p0, miou, gflops, reduction, exits).
 
@@ -273,6 +278,9 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     :class:`~dtop.models.config.ReductionSpec`) is evaluated once under the alternative's name instead
     of at each p0; its dense row is the same weights without the reduction (or ``dense_checkpoint``).
     ``compile``: run every model through ``torch.compile`` (:meth:`~dtop.models.Segmentor.compile`).
+    ``budget``: also evaluate DToP under the budget rule (``{"exit_ratio", "p_min"}`` for
+    :meth:`~dtop.models.DToPSegmentor.set_budget`; ``{}``: the checkpoint's own), as variant ``dtop_budget_...``.
+    ``cfg.eval.target_gflops`` (set by ``dtop calibrate``) is reported beside the achieved GFLOPs.
     Ctrl-C (or SIGTERM under the CLI): :class:`~dtop.errors.Interrupted` naming the variants written."""
     device = resolve_device(cfg.train.device)
     out_dir = eval_dir(checkpoint, out_dir)
@@ -285,6 +293,9 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
         variants.append((models[checkpoint].reducer.kind, None, checkpoint))
     else:
         variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
+        if budget is not None:
+            budget = resolved_budget(models[checkpoint], budget)
+            variants.append((budget_variant(budget), None, checkpoint))
     summary: list[dict[str, Any]] = []
     try:
         for name, p0, ckpt in variants:
@@ -292,12 +303,16 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
             models[ckpt] = model
             if p0 is not None:
                 model.set_p0(p0)
+            elif name.startswith("dtop_budget"):
+                model.set_budget(**budget)
             metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
                                      progress=progress_enabled(), desc=name)
             metrics["checkpoint"] = str(ckpt)
             write_results(out_dir / name, metrics, rows, cfg)
             summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
-                            "exit_fractions": metrics["exit_fractions"]})
+                            "exit_fractions": metrics["exit_fractions"], **_budget_fields(metrics),
+                            **({"target_gflops": cfg.eval.target_gflops}
+                               if cfg.eval.target_gflops is not None and name != "dense" else {})})
             if verbose:
                 print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
@@ -307,6 +322,27 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
         row["reduction_pct"] = round(100 * (1 - row["gflops"] / base), 2) if base else None
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def resolved_budget(model, budget: dict) -> dict:
+    """``budget`` with the checkpoint's own ratios filled in where it is ``{}``; ConfigError when it has none."""
+    if budget:
+        return budget
+    if getattr(model, "cfg", None) is None or model.cfg.exit_mode != "budget":
+        raise ConfigError("budget mode: this checkpoint was not trained in budget mode, so it has no exit ratios; "
+                          "give them with --exit-ratio R [R ...] (or eval.exit_ratio)")
+    return {"exit_ratio": model.cfg.exit_ratio, "p_min": model.cfg.p_min}
+
+
+def budget_variant(budget: dict) -> str:
+    """``dtop_budget_0.5_0.1`` (``_pmin0.3`` with a floor): the variant name of a budget setting."""
+    r = budget["exit_ratio"]
+    name = "dtop_budget_" + "_".join(f"{v:g}" for v in (r if isinstance(r, (list, tuple)) else [r]))
+    return name + (f"_pmin{budget['p_min']:g}" if budget.get("p_min") else "")
+
+
+def _budget_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in ("exit_mode", "exit_ratio", "p_min") if metrics.get(k) is not None}
 
 
 def interrupted_evaluation(exc: BaseException, finished: Sequence[str], names: Sequence[str], where: Path,
@@ -324,10 +360,13 @@ def interrupted_evaluation(exc: BaseException, finished: Sequence[str], names: S
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| variant | p0 | mIoU | GFLOPs | reduction | tokens exited per stage |", "|---|---|---|---|---|---|"]
+    target = any(r.get("target_gflops") is not None for r in rows)
+    out = ["| variant | p0 | mIoU | GFLOPs | " + ("target GFLOPs | " if target else "") + "reduction | "
+           "tokens exited per stage |", "|---|---|---|---|" + ("---|" if target else "") + "---|---|"]
     for r in rows:
         red = "" if r.get("reduction_pct") is None else f"{r['reduction_pct']:.1f}%"
         exits = " / ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
+        goal = "" if r.get("target_gflops") is None else f"{r['target_gflops']:.3f}"
         out.append(f"| {r['name']} | {'' if r['p0'] is None else r['p0']} | {_fmt(r['miou'], 0)} | {r['gflops']:.3f} | "
-                   f"{red} | {exits} |")
+                   + (f"{goal} | " if target else "") + f"{red} | {exits} |")
     return "\n".join(out)

@@ -212,7 +212,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     model = experiment_model(cfg, dataset.num_classes)
     dataset.transform.size_divisor = model.backbone.patch_size  # crops padded to whole patches
     p0 = 1.0 if tc.scheme == "dense" else tc.p0
-    if isinstance(model, DToPSegmentor):
+    if isinstance(model, DToPSegmentor) and tc.scheme != "dense" and tc.exit_mode == "budget":
+        model.set_budget(tc.exit_ratio, tc.p_min)
+    elif isinstance(model, DToPSegmentor):
         model.set_p0(p0)
     else:  # a token-reduction alternative has no early exit; its checkpoint still records the scheme's p0
         model.cfg.p0 = p0

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ..config import EXIT_MODES
 from ..errors import ConfigError, did_you_mean, unknown_name
 from .heads import HEADS
 
@@ -20,7 +21,6 @@ class StageSpec:
     head_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-EXIT_MODES = ("threshold", "budget")
 REDUCTIONS = ("conv", "avgpool", "nearest", "shrunk", "expedite")
 
 

@@ -206,6 +206,16 @@ class DToPSegmentor(Segmentor):
             raise
         self.exit_ratio, self.p_min, self.exit_mode = self.cfg.exit_ratio_per_stage(), float(p_min), "budget"
 
+    def exit_rule(self) -> dict:
+        """The exit rule in force (mode, p0, exit ratios, floor), for :meth:`set_exit_rule` to restore."""
+        return {"exit_mode": self.exit_mode, "p0": self.cfg.p0, "exit_ratio": self.cfg.exit_ratio, "p_min": self.cfg.p_min}
+
+    def set_exit_rule(self, rule: dict) -> None:
+        """Restore a rule :meth:`exit_rule` returned."""
+        self.set_p0(rule["p0"])
+        if rule["exit_mode"] == "budget":
+            self.set_budget(rule["exit_ratio"], rule["p_min"])
+
     def exits_at(self, stage: int) -> bool:
         """Whether the exit rule can make a token leave at non-final stage ``stage``."""
         if self.exit_mode == "budget":
