@@ -21,8 +21,10 @@ from typing import Any, Optional, Sequence
 
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, load_config, save_config
-from ..engine.common import experiment_dataset, progress_enabled, resolve_device
-from ..engine.evaluate import budget_variant, evaluate, interrupted_evaluation, resolved_budget, write_results
+from ..engine.common import experiment_dataset, init_distributed, progress_enabled, resolve_device
+from ..engine.evaluate import (budget_variant, evaluate, fingerprint, interrupted_evaluation, resolved_budget,
+                               write_results)
+from ..engine.shards import PartialResults, barrier, world
 from ..engine.train import LAST, train
 from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
 from ..jsonio import write_json
@@ -91,15 +93,22 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
                  verbose: bool = True, budget: Optional[dict] = None) -> list[dict[str, Any]]:
     """Evaluate the dense model and every method on the same validation images into ``out_dir/eval/<name>``;
     returns the table rows, dense first. ``budget``: DToP under the budget rule instead of at each p0."""
-    device = resolve_device(cfg.train.device)
+    dist_info = init_distributed(cfg.train.device)  # under torchrun every rank evaluates a share of the images
+    device = resolve_device(cfg.train.device, dist_info)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     rows: list[dict[str, Any]] = []
 
     def run(name: str, model, dense: bool, p0: Optional[float], method: str) -> None:
-        metrics, per_image = evaluate(model, dataset, cfg.eval, device, dense=dense, progress=progress_enabled(),
-                                      desc=name)
-        metrics["checkpoint"] = checkpoints.get(method, dense_checkpoint)
-        write_results(out_dir / "eval" / name, metrics, per_image, cfg)
+        ckpt = checkpoints.get(method, dense_checkpoint)
+        partial = out_dir / "eval" / f"{name}.partial"  # a rerun after an interruption resumes from here
+        metrics, per_image = evaluate(model, dataset, cfg.eval, device, dense=dense,
+                                      progress=progress_enabled(dist_info), desc=name, partial=partial,
+                                      fingerprint=fingerprint(cfg, ckpt, name, model))
+        metrics["checkpoint"] = ckpt
+        if dist_info.is_main:
+            write_results(out_dir / "eval" / name, metrics, per_image, cfg)
+            PartialResults(partial, {}).remove()
+        barrier()
         if metrics["miou"] is None:
             raise ConfigError(f"{name}: no labelled pixel in the {cfg.data.val_split} split, so mIoU is undefined "
                               f"and nothing can be compared; check data.root, the label folder, label_mode, "
@@ -108,7 +117,7 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
                      "miou": metrics["miou"], "gflops": metrics["gflops"],
                      "trained": method not in TRAINING_FREE and method != "dense",
                      "checkpoint": checkpoints.get(method, dense_checkpoint)})
-        if verbose:
+        if verbose and dist_info.is_main:
             print(f"{name}: mIoU {metrics['miou']:.2f}, GFLOPs {metrics['gflops']:.3f}", flush=True)
 
     try:
@@ -152,7 +161,8 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
     p0s = list(p0s if p0s is not None else cfg.eval.p0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    if world()[0] == 0:
+        save_config(cfg, out_dir / "config.yaml")
     checkpoints = finetune_all(cfg, dense_checkpoint, out_dir, methods, specs, verbose)
     rows = evaluate_all(cfg, dense_checkpoint, checkpoints, out_dir, methods, p0s, specs, verbose, budget)
     base = rows[0]
@@ -161,6 +171,8 @@ def run_compare(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, met
         r["miou_delta"] = round(r["miou"] - base["miou"], 3)
     result = {"dense_checkpoint": dense_checkpoint, "iters": cfg.train.iters, "p0": p0s,
               "reductions": {m: asdict(s) for m, s in specs.items()}, "rows": rows, "config": cfg.to_dict()}
+    if world()[0] != 0:  # under torchrun, rank 0 writes
+        return result
     with deferred_interrupts():  # compare.json and its tables are written together
         write_json(out_dir / "compare.json", result)
         for n, kinds in ((1, TABLE1), (2, TABLE2)):
@@ -204,6 +216,8 @@ def run(args: argparse.Namespace) -> None:
         cfg.train.exit_mode, cfg.train.exit_ratio, cfg.train.p_min = "budget", budget["exit_ratio"], budget["p_min"]
     result = run_compare(cfg, args.checkpoint, Path(args.out), methods=args.methods, p0s=args.p0, specs=specs,
                          budget=budget)
+    if world()[0] != 0:  # under torchrun, rank 0 reports
+        return
     print("\nTable 1: symmetric downsampling and SegViT shrunk vs DToP\n" + comparison_table(result["rows"], TABLE1))
     print("\nTable 2: Expedite-ViT vs DToP\n" + comparison_table(result["rows"], TABLE2))
     print(f"\nwritten: {Path(args.out) / 'compare.json'}, table1.md, table2.md")

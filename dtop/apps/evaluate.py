@@ -7,6 +7,7 @@ import argparse
 from ..config import load_config
 from ..engine import run_evaluation, summary_table
 from ..engine.evaluate import eval_dir
+from ..engine.shards import world
 from ..models.config import parse_reduction
 from .common import App, add_exit_options, add_set, exit_setting
 from .report import build_report
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> None:
     rows = run_evaluation(cfg, args.checkpoint, [] if budget is not None else p0s, with_dense=not args.no_dense,
                           out_dir=args.out, dense_checkpoint=args.dense_checkpoint,
                           reduction=parse_reduction(args.reduction), compile=args.compile, budget=budget)
+    if world()[0] != 0:  # under torchrun, rank 0 reports
+        return
     print("\n" + summary_table(rows))
     if args.figures:
         print(f"report: {build_report(eval_dir(args.checkpoint, args.out), device=cfg.train.device)}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import platform
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,10 +22,11 @@ from .._version import __version__
 from ..config import EvalSection, ExperimentConfig
 from ..errors import ConfigError, Interrupted, deferred_interrupts
 from ..flops import dense_flops, forward_gflops
-from ..jsonio import write_json
+from ..jsonio import dumps, write_json
 from ..models import DToPSegmentor, ReducedSegmentor, load_model
 from ..models.segmentor import upsample_scores
-from .common import experiment_dataset, progress_enabled, resolve_device
+from .common import experiment_dataset, init_distributed, progress_enabled, resolve_device
+from .shards import ImageResult, PartialResults, barrier, combine, gather_results, world
 
 
 @dataclass
@@ -137,28 +140,40 @@ def update_histogram(hist: Tensor, pred: Tensor, label: Tensor, ignore_index: in
 
 
 def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: bool = False,
-             progress: bool = False, desc: str = "eval") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             progress: bool = False, desc: str = "eval", partial: Optional[Path] = None,
+             fingerprint: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate ``model`` on ``dataset``; returns (metrics, per-image rows). Percentages; None where a figure
     is undefined (a class in neither labels nor predictions; every figure when no pixel is labelled, which
     also warns: :func:`warn_unlabelled`). ConfigError when the dataset's classes are not the model's or no
-    image would be evaluated (:func:`check_evaluable`)."""
+    image would be evaluated (:func:`check_evaluable`).
+
+    Under ``torchrun`` (a process group) every rank evaluates its share of the images and every rank returns
+    the whole result, equal to one process's. ``partial``: a folder that keeps each image's result as it is
+    done (:class:`~dtop.engine.shards.PartialResults`, ``fingerprint`` naming what is evaluated), so a rerun
+    after an interruption resumes; the caller removes it once the results are written."""
     model.eval().to(device)
     K = model.num_classes
     n = check_evaluable(model, dataset, ecfg)
-    hist = torch.zeros(K, K, dtype=torch.long)
-    rows: list[dict[str, Any]] = []
-    exit_sum = torch.zeros(model.num_stages)
-    for i in tqdm(range(n), desc=desc, disable=not progress):
-        sample = dataset[i]
-        label = sample["label"]
-        pred_out = predict(model, sample["image"].to(device), ecfg, dense=dense)
-        pred = pred_out.label_map(label.shape[-2:])
-        update_histogram(hist, pred, label, dataset.ignore_index)
-        valid = label != dataset.ignore_index
-        acc = float((pred[valid] == label[valid]).float().mean()) if valid.any() else math.nan
-        exit_sum += pred_out.exit_fractions
-        rows.append({"file": sample["name"], "gflops": round(pred_out.gflops, 4), "pixel_acc": round(acc, 5),
-                     **{f"exit_s{s}": round(float(f), 5) for s, f in enumerate(pred_out.exit_fractions)}})
+    rank, size = world()
+    store = PartialResults(partial, {**(fingerprint or {}), "images": n, "desc": desc}, rank)
+    done = {i: r for i, r in store.load().items() if i < n}
+    barrier()
+    store.start(resumed=bool(done))
+    todo = [i for i in range(n) if i not in done][rank::size]
+    bar = tqdm(total=n, initial=len(done), desc=desc, disable=not progress, unit="image")
+    mine: list[ImageResult] = []
+    try:
+        for i in todo:
+            mine.append(_image_result(model, dataset, i, ecfg, device, dense))
+            store.append(mine[-1])
+            bar.update(store.count() + len(done) - bar.n if size > 1 and partial else 1)
+        while size > 1 and partial and rank == 0 and len(done) + store.count() < n:  # the others' images
+            time.sleep(0.2)
+            bar.update(store.count() + len(done) - bar.n)
+    finally:
+        bar.close()
+        store.close()
+    hist, exit_sum, rows = combine([*done.values(), *gather_results(mine)], K, model.num_stages)
     if n and not int(hist.sum()):
         warn_unlabelled(dataset, n, desc)
     m = intersection_union(hist)
@@ -177,6 +192,22 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         if model.exit_mode == "budget":
             metrics.update(exit_ratio=model.exit_ratio, p_min=model.p_min, p0=None)
     return metrics, rows
+
+
+def _image_result(model, dataset, i: int, ecfg: EvalSection, device: torch.device, dense: bool) -> ImageResult:
+    """Image ``i`` of ``dataset`` predicted and scored: its row, exit fractions and histogram."""
+    K = model.num_classes
+    sample = dataset[i]
+    label = sample["label"]
+    pred_out = predict(model, sample["image"].to(device), ecfg, dense=dense)
+    pred = pred_out.label_map(label.shape[-2:])
+    hist = torch.zeros(K, K, dtype=torch.long)
+    update_histogram(hist, pred, label, dataset.ignore_index)
+    valid = label != dataset.ignore_index
+    acc = round(float((pred[valid] == label[valid]).float().mean()), 5) if valid.any() else math.nan
+    row = {"file": sample["name"], "gflops": round(pred_out.gflops, 4), "pixel_acc": acc,
+           **{f"exit_s{s}": round(float(f), 5) for s, f in enumerate(pred_out.exit_fractions)}}
+    return ImageResult.make(i, row, pred_out.exit_fractions, hist)
 
 
 def check_evaluable(model, dataset, ecfg: EvalSection) -> int:
@@ -282,7 +313,9 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     :meth:`~dtop.models.DToPSegmentor.set_budget`; ``{}``: the checkpoint's own), as variant ``dtop_budget_...``.
     ``cfg.eval.target_gflops`` (set by ``dtop calibrate``) is reported beside the achieved GFLOPs.
     Ctrl-C (or SIGTERM under the CLI): :class:`~dtop.errors.Interrupted` naming the variants written."""
-    device = resolve_device(cfg.train.device)
+    dist_info = init_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device, dist_info)
+    main = dist_info.is_main
     out_dir = eval_dir(checkpoint, out_dir)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     models = {checkpoint: _compiled(load_model(checkpoint, device, reduction), compile)}
@@ -297,6 +330,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
             budget = resolved_budget(models[checkpoint], budget)
             variants.append((budget_variant(budget), None, checkpoint))
     summary: list[dict[str, Any]] = []
+    name = variants[0][0]
     try:
         for name, p0, ckpt in variants:
             model = models.get(ckpt) or _compiled(load_model(ckpt, device), compile)
@@ -305,23 +339,57 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
                 model.set_p0(p0)
             elif name.startswith("dtop_budget"):
                 model.set_budget(**budget)
-            metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
-                                     progress=progress_enabled(), desc=name)
-            metrics["checkpoint"] = str(ckpt)
-            write_results(out_dir / name, metrics, rows, cfg)
+            run = fingerprint(cfg, ckpt, name, model)
+            metrics = finished(out_dir / name, run)
+            if metrics is None:
+                metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
+                                         progress=progress_enabled(dist_info), desc=name,
+                                         partial=out_dir / f"{name}.partial", fingerprint=run)
+                metrics["checkpoint"], metrics["run"] = str(ckpt), run
+                if main:
+                    write_results(out_dir / name, metrics, rows, cfg)
+                    PartialResults(out_dir / f"{name}.partial", run).remove()
+                barrier()
+            elif verbose and main:
+                print(f"\n== {name}: done already ({out_dir / name / 'metrics.json'}, the same checkpoint and settings)")
             summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
                             "exit_fractions": metrics["exit_fractions"], **_budget_fields(metrics),
                             **({"target_gflops": cfg.eval.target_gflops}
                                if cfg.eval.target_gflops is not None and name != "dense" else {})})
-            if verbose:
+            if verbose and main:
                 print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
-        raise interrupted_evaluation(e, [r["name"] for r in summary], [v[0] for v in variants], out_dir) from e
+        kept = PartialResults(out_dir / f"{name}.partial", {}).count()
+        raise interrupted_evaluation(e, [r["name"] for r in summary], [v[0] for v in variants], out_dir,
+                                     kept=kept) from e
     base = summary[0]["gflops"] if with_dense else None
     for row in summary:
         row["reduction_pct"] = round(100 * (1 - row["gflops"] / base), 2) if base else None
-    write_json(out_dir / "summary.json", summary)
+    if main:
+        write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def fingerprint(cfg: ExperimentConfig, checkpoint: str, variant: str, model) -> dict[str, Any]:
+    """What an evaluation's results depend on: the checkpoint file (path, size, modification time), the
+    variant and its exit rule, the data and eval settings, dtop's version. Equal fingerprints: the results
+    on disk can be reused (a finished variant) or resumed (its partial per-image results)."""
+    stat = Path(checkpoint).stat()
+    rule = model.exit_rule() if isinstance(model, DToPSegmentor) and variant != "dense" else None
+    rules = ("p0", "exit_mode", "exit_ratio", "p_min", "target_gflops")  # which variants run, not what they give
+    settings = {k: v for k, v in asdict(cfg.eval).items() if k not in rules}
+    return {"checkpoint": str(checkpoint), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "variant": variant, "rule": rule, "eval": settings, "data": asdict(cfg.data), "dtop": __version__}
+
+
+def finished(folder: Path, run: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The ``metrics.json`` in ``folder`` when it was written by an evaluation of fingerprint ``run``, else None."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = metrics.get("run") == json.loads(dumps(run))
+    return metrics if same and (folder / "per_image.csv").is_file() else None
 
 
 def resolved_budget(model, budget: dict) -> dict:
@@ -346,17 +414,20 @@ def _budget_fields(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def interrupted_evaluation(exc: BaseException, finished: Sequence[str], names: Sequence[str], where: Path,
-                           after: str = "summary.json not written") -> Interrupted:
+                           after: str = "summary.json not written", kept: int = 0) -> Interrupted:
     """The interruption ``exc`` of an evaluation of the variants ``names``, of which ``finished`` are written
-    (``where/<variant>/metrics.json``); ``after``: what the finished run would also have written."""
+    (``where/<variant>/metrics.json``); ``after``: what the finished run would also have written; ``kept``:
+    images of the unfinished variant whose results are kept for a rerun to resume from."""
     if len(finished) >= len(names):
         return Interrupted.wrap(exc, f"all {len(names)} variants evaluated, in {where}/<variant>/; {after}")
     now = names[len(finished)]
+    resume = (f"; {kept} image(s) of {now} kept in {where}/{now}.partial: the same command resumes"
+              if kept else "")
     if not finished:
         return Interrupted.wrap(exc, f"stopped while evaluating {now}, the first of {len(names)} variants; "
-                                     f"nothing written")
+                                     f"nothing written{resume}")
     return Interrupted.wrap(exc, f"evaluated {len(finished)} of {len(names)} variants ({', '.join(finished)}), "
-                                 f"metrics in {where}/<variant>/metrics.json; {now} not finished, {after}")
+                                 f"metrics in {where}/<variant>/metrics.json; {now} not finished, {after}{resume}")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
