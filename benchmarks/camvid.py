@@ -38,7 +38,8 @@ def run(cmd: list[str], done: Path) -> float:
         return float(done.read_text())
     print("+", shlex.join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    # a step without its .done marker did not finish: a training step starts it afresh
+    subprocess.run(cmd + (["--overwrite"] if "train" in cmd[:4] else []), check=True, cwd=ROOT)
     minutes = (time.time() - t0) / 60
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(f"{minutes:.2f}")

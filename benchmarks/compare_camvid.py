@@ -96,7 +96,7 @@ def main() -> None:
     data = ["--set", f"data.root={args.data}"]
     if not (ROOT / args.dense).is_file() and not args.section_only:
         dense_dir = str(Path(args.dense).parent)
-        cmd = dtop + ["train", config, *data, "--set", f"out_dir={dense_dir}"]
+        cmd = dtop + ["train", config, *data, "--set", f"out_dir={dense_dir}", "--overwrite"]  # no checkpoint yet
         print("+", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     # the fine-tuning schedule of benchmarks/camvid.py's @Finetune run, for every method alike
