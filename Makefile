@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtop-installed
 # torch/torchvision are pinned as a pair that imports together (the CPU-only torch 2.13.0 wheel
 # does not import beside PyPI's torchvision); override with `make TORCH_PKGS=... test`.
+# PyPI's torch is the CUDA build (about 5 GB with its NVIDIA libraries) on machines without a GPU too;
+# the CPU-only pair comes from PyTorch's own index (README, "Install size"):
+#   make TORCH_PKGS="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu" test
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
@@ -13,6 +16,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	@case "$(TORCH_PKGS)" in *index-url*) ;; *) command -v nvidia-smi >/dev/null 2>&1 || echo "make: no GPU" \
+		"(no nvidia-smi), but PyPI's torch is the CUDA build (about 5 GB); the CPU-only one: README.md, 'Install size'";; esac
 	$(PY) -m pip install -q $(TORCH_PKGS)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)

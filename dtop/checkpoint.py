@@ -39,6 +39,10 @@ def read_file(path: Union[str, Path]):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    kind = _not_weights(path)
+    if kind:
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint: pass the last.pt that `dtop train` wrote into "
+                              f"its out_dir (or a .pth/.safetensors weight file)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -55,6 +59,32 @@ def read_file(path: Union[str, Path]):
             f"state dict of tensors or as .safetensors.") from e
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"RIFF", "a RIFF file (WebP image, WAV audio)"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+          (b"%PDF", "a PDF document"), (b"BM", "a BMP image"))
+
+
+def _not_weights(path: Path) -> Optional[str]:
+    """What ``path`` is when its first bytes show it cannot hold weights (an image, a PDF, text), else None.
+    torch files start with a zip header (``PK``) or a pickle protocol byte, safetensors with a header length."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if path.suffix != ".safetensors" and head and not head.startswith(b"PK") and head[:1] != b"\x80":
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return "a text file" + (" (YAML: a config? pass it as CONFIG, the checkpoint with --checkpoint)"
+                                if path.suffix in (".yaml", ".yml") else "")
+    return None
 
 
 def unwrap_state_dict(obj, source: str = "the checkpoint") -> dict[str, Tensor]:

@@ -8,16 +8,18 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from .apps import bench, calibrate, compare, demo, evaluate, export, info, predict, report, train, weights
+from ._version import __version__
+from .apps import bench, calibrate, compare, config_show, demo, evaluate, export, info, predict, report, train, weights
 from .apps.common import App
 from .errors import DToPError, Interrupted, deferred_interrupts, interrupts_raise
 
 APPS: list[App] = [info.MODELS, info.FLOPS, info.PAPER_TABLE_APP, train.APP, evaluate.APP, predict.APP, report.APP,
-                   compare.APP, bench.APP, calibrate.APP, export.APP, demo.APP, weights.APP]
+                   compare.APP, bench.APP, calibrate.APP, export.APP, demo.APP, weights.APP, config_show.APP]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtop", description="Dynamic token pruning for plain-ViT segmentation")
+    p.add_argument("--version", action="version", version=f"dtop {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for app in APPS:
         sp = sub.add_parser(app.name, help=app.help, description=app.help)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,6 +136,14 @@ class ExperimentConfig:
             mode = getattr(self, where).exit_mode
             if mode not in EXIT_MODES:
                 raise unknown_name(f"{where}.exit_mode", mode, EXIT_MODES)
+        for where, values in (("train.p0", self.train.p0), ("eval.p0", self.eval.p0)):
+            for p in values if isinstance(values, (list, tuple)) else [values]:
+                if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+                    raise ConfigError(f"{where} is a confidence threshold in (0, 1] (1: no token exits early), "
+                                      f"got {p!r}")
+        if self.train.warmup_iters > self.train.iters:
+            warnings.warn(f"train.warmup_iters ({self.train.warmup_iters}) is larger than train.iters "
+                          f"({self.train.iters}): the learning rate never reaches train.lr", UserWarning, stacklevel=2)
         for name in ("iters", "batch_size", "grad_accum"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
@@ -222,8 +231,25 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+PATH_KEYS = (("data", "root"), ("train", "init_checkpoint"))
+"""Config keys that hold paths: relative ones resolve against the config file's folder (a ``--set`` value:
+against the current folder), and :func:`save_config` writes them relative to the file it writes."""
+
+
+def _resolve_paths(d: dict[str, Any], base: Path) -> None:
+    """Make the relative paths of :data:`PATH_KEYS` in config dict ``d`` absolute, relative to folder ``base``."""
+    for section, key in PATH_KEYS:
+        value = (d.get(section) or {}).get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            d[section][key] = os.path.expanduser(value)
+        elif isinstance(value, str) and value and not os.path.isabs(value):
+            d[section][key] = os.path.normpath(os.path.join(os.path.abspath(base), value))
+
+
 def load_config(path: Optional[Union[str, Path]] = None, sets: Optional[list[str]] = None) -> ExperimentConfig:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML). Relative paths
+    (:data:`PATH_KEYS`: ``data.root``, ``train.init_checkpoint``) resolve against the config file's folder,
+    those given with ``--set`` against the current folder; absolute paths stay as they are."""
     d = ExperimentConfig().to_dict()
     if path is not None:
         path = Path(path)
@@ -234,12 +260,18 @@ def load_config(path: Optional[Union[str, Path]] = None, sets: Optional[list[str
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         _build(ExperimentConfig, loaded, "")  # unknown keys are reported against the file's own text
+        _resolve_paths(loaded, path.parent)
         _merge(d, loaded)
     for item in sets or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set(d, key.strip(), yaml.safe_load(raw))
+        section, _, name = key.strip().partition(".")
+        if (section, name) in PATH_KEYS:
+            one = {section: {name: d[section][name]}}
+            _resolve_paths(one, Path.cwd())
+            d[section][name] = one[section][name]
     cfg = _build(ExperimentConfig, d, "")
     cfg.validate()
     return cfg
@@ -263,9 +295,14 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
 def save_config(cfg: ExperimentConfig, path: Union[str, Path]) -> None:
     """``cfg`` as YAML at ``path``, atomically (a temporary file renamed into place)."""
     path = Path(path)
+    d = cfg.to_dict()
+    for section, key in PATH_KEYS:  # relative to the file written, so the file works from any folder
+        value = d[section].get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            d[section][key] = os.path.relpath(value, os.path.abspath(path.parent))
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(d, sort_keys=False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

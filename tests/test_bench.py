@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dtop.apps.bench import PeakTensorMemory, Timing, alternate, forced_exits, run_bench
+from dtop.apps.bench import (FIXED_COST_NOTE, PeakTensorMemory, Timing, alternate, forced_exits, print_bench_table,
+                             run_bench)
 from dtop.cli import main
 
 
@@ -35,6 +36,51 @@ def test_timing_ratio_sums_per_input_medians():
     t = Timing(dense=[[1.0, 9.0, 1.2], [2.0, 2.0, 2.2]], dtop=[[0.5, 0.6, 5.0], [1.0, 1.1, 1.0]])
     assert t.total("dense") == 1.2 + 2.0 and t.total("dtop") == 0.6 + 1.0  # outliers (9.0, 5.0) drop out
     assert abs(t.ratio() - 1.6 / 3.2) < 1e-12
+
+
+def test_timing_spread_is_the_range_of_each_repeats_own_ratio():
+    t = Timing(dense=[[1.0, 2.0, 1.0], [1.0, 2.0, 3.0]], dtop=[[0.5, 1.8, 0.9], [0.7, 1.0, 2.1]])
+    assert t.repeat_ratios() == pytest.approx([1.2 / 2.0, 2.8 / 4.0, 3.0 / 4.0])
+    assert t.ratio_range() == pytest.approx([0.6, 0.75])
+
+
+def test_run_bench_reports_the_spread_of_its_repeats():
+    model = tiny_model(("atm", "atm", "atm"))
+    r = run_bench(model, torch.randn(2, 3, 64, 96), 2, ["per_image"], torch.device("cpu"), warmup=0, repeats=3,
+                  exit_fractions=[0.6, 0.8])
+    assert r["flop_ratio"] < 1 and r["flop_ratio_batch1"] < 1
+    assert r["repeats"] == 3
+    for entry in (r, r["layouts"]["per_image"]):
+        for which in ("batch1", "mixed"):
+            lo, hi = entry[f"time_ratio_{which}_range"]
+            assert 0 < lo <= hi
+            rlo, rhi = entry[f"realised_{which}_range"]
+            assert rlo <= rhi  # the slowest repeat realises the least
+            flop_ratio = r["flop_ratio" if which == "mixed" else "flop_ratio_batch1"]
+            assert rhi == pytest.approx((1 - lo) / (1 - flop_ratio), abs=2e-3)
+
+
+def bench_result(realised_b1, realised_mixed):
+    """A result as run_bench and the CLI make it (no timing: the figures are made up)."""
+    layout = {"time_ratio_batch1": 1.05, "time_ratio_mixed": 0.9, "realised_batch1": realised_b1,
+              "realised_mixed": realised_mixed, "time_ratio_batch1_range": [0.98, 1.12],
+              "time_ratio_mixed_range": [0.85, 0.93], "peak_mem_dtop_mb": 3.5}
+    return {"model": "segvit_vit_t16", "size": [32, 48], "batch": 2, "device": "cpu", "dtype": "float32",
+            "threads": 1, "allocator": "system", "linear": "aten", "compiled": False, "gflops_dense": 0.01,
+            "gflops_dtop": 0.009, "flop_ratio": 0.9, "exit_fractions": [0.3, 0.6], "peak_mem_dense_mb": 4.0,
+            "repeats": 5, "layouts": {"per_image": layout}}
+
+
+def test_bench_table_shows_the_spread_and_explains_a_negative_realised_share(capsys):
+    print_bench_table(bench_result(-0.5, 1.0))
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| per_image |"))
+    assert "1.05 [0.98, 1.12]" in row and "0.9 [0.85, 0.93]" in row and "| -0.5 |" in row
+    assert "5 repeats" in out
+    assert out.rstrip().splitlines()[-1] == FIXED_COST_NOTE and "fixed costs" in FIXED_COST_NOTE
+    print_bench_table(bench_result(0.4, float("nan")))  # no negative share (an undefined one is not): no note
+    out = capsys.readouterr().out
+    assert FIXED_COST_NOTE not in out and "| n/a |" in out
 
 
 def test_peak_tensor_memory_sees_live_tensors():

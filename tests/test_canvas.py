@@ -84,7 +84,7 @@ def test_layout_classes_and_names():
 
 
 def test_exit_decision_is_one_method_the_override_replaces():
-    model = tiny_model(("linear", "linear", "linear"), p0=0.0, topk=0)
+    model = tiny_model(("linear", "linear", "linear"), p0=0.01, topk=0)
     x = images(1)
     with torch.no_grad():
         out = model.heads[0](model.backbone.embed(x)[0])

@@ -168,10 +168,10 @@ def test_resume_without_checkpoint_and_finetune_from_dense(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(_tiny_train_cfg(tmp_path / "none"), resume=True)
     dense = train(_tiny_train_cfg(tmp_path / "dense", iters=2))
-    ft = _tiny_train_cfg(tmp_path / "ft", iters=2, scheme="finetune", init_checkpoint=str(dense), p0=0.0)
+    ft = _tiny_train_cfg(tmp_path / "ft", iters=2, scheme="finetune", init_checkpoint=str(dense), p0=0.01)
     path = train(ft)
     ck = load_checkpoint(path)
-    assert ck["config"]["train"]["scheme"] == "finetune" and ck["model_config"]["p0"] == 0.0
+    assert ck["config"]["train"]["scheme"] == "finetune" and ck["model_config"]["p0"] == 0.01
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -227,13 +227,13 @@ def test_compare_finetunes_evaluates_and_tabulates(tmp_path, capsys):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     out = tmp_path / "cmp"
-    argv = ["compare", str(cfg_path), "--checkpoint", str(dense), "--out", str(out), "--p0", "0",
+    argv = ["compare", str(cfg_path), "--checkpoint", str(dense), "--out", str(out), "--p0", "0.01",
             "--methods", "dtop", "dense_ft", "avgpool", "shrunk", "expedite", "--reduction", "avgpool,block=2",
             "--reduction", "expedite,block=1,cluster_scale=0.5"]
     assert cli(argv) == 0
     result = json.loads((out / "compare.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["dense", "dtop_p0_0", "dense_ft", "avgpool", "shrunk", "expedite"]
+    assert names == ["dense", "dtop_p0_0.01", "dense_ft", "avgpool", "shrunk", "expedite"]
     rows = {r["name"]: r for r in result["rows"]}
     # every alternative saves compute; the trained ones come from their own fine-tuned checkpoints
     assert all(rows[n]["gflops"] < rows["dense"]["gflops"] for n in names[1:] if n != "dense_ft")
@@ -247,7 +247,7 @@ def test_compare_finetunes_evaluates_and_tabulates(tmp_path, capsys):
     assert metrics["variant"] == "shrunk" and metrics["gflops"] == rows["shrunk"]["gflops"]
     table1, table2 = (out / "table1.md").read_text(), (out / "table2.md").read_text()
     assert "2x2 average pooling" in table1 and "SegViT shrunk" in table1 and "Expedite" not in table1
-    assert "Expedite-ViT" in table2 and "DToP (p0 0)" in table2 and "average pooling" not in table2
+    assert "Expedite-ViT" in table2 and "DToP (p0 0.01)" in table2 and "average pooling" not in table2
     assert "dense, fine-tuned likewise" in table1 and "dense, fine-tuned likewise" in table2
     # the report of a comparison shows every method
     assert cli(["report", str(out), "--images", "1"]) == 0

@@ -85,7 +85,7 @@ def test_spread_and_forced_exits():
 def test_no_exit_shortcut_only_when_no_stage_can_exit():
     """p0 1 at the first exit stage but not at the second: tokens still leave at the second."""
     model = tiny_model(heads=("linear", "linear", "linear"), blocks=(1, 2, 3)).eval()
-    model.set_p0([1.0, 0.0])  # every token is confident enough to leave at stage 2 (topk context aside)
+    model.set_p0([1.0, 1e-6])  # every token is confident enough to leave at stage 2 (topk context aside)
     with torch.no_grad():
         out = model(images(2))
     assert (out.exit_stage == 1).any() and not (out.exit_stage == 0).any()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import CLS_MODES, DINOV2_TINY, gflops, images, p0_at_quantile, stage_confidence, tiny_model
+from dtop.errors import ConfigError
 from dtop.flops import dense_flops
 from dtop.pruning import confidence, gather_tokens
 
@@ -42,8 +43,10 @@ def test_dinov2_with_registers_no_pruning_equals_dense(cls_mode):
     assert (out.tokens_per_block == 4 * 6 + (5 if cls_mode == "segmenter" else 0)).all()
 
 
-def test_p0_above_one_and_per_stage_list_also_disable_pruning():
-    model = tiny_model(p0=[1.0, 1.5])
+def test_p0_of_one_per_stage_disables_pruning_and_above_one_is_refused():
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        tiny_model(p0=[1.0, 1.5])
+    model = tiny_model(p0=[1.0, 1.0])
     x = images(1)
     with torch.no_grad():
         torch.testing.assert_close(model(x).scores, model.forward_dense(x), atol=1e-5, rtol=0)
@@ -102,7 +105,7 @@ def test_exited_tokens_keep_their_exit_stage_logits(head_set, cls_mode):
 def test_topk_context_tokens_stay_in_play():
     model = tiny_model(topk=3)
     x = images(2, 96, 96, seed=5)
-    model.set_p0(0.0)  # every token is easy at every non-final stage: only context tokens go on
+    model.set_p0(1e-6)  # every token is easy at every non-final stage: only context tokens go on
     with torch.no_grad():
         out = model(x)
         _, label = confidence(_stage0_probs(model, x))
@@ -124,7 +127,7 @@ def _stage0_probs(model, x):
 def test_no_block_after_an_exit_sees_the_token(cls_mode):
     model = tiny_model(("atm", "atm", "mask"), blocks=(0, 2, 3), cls_mode=cls_mode, topk=1)
     x = images(1, 64, 64, seed=7)
-    model.set_p0([p0_at_quantile(model, x, 0.3), 0.0])
+    model.set_p0([p0_at_quantile(model, x, 0.3), 1e-6])
     seen, outputs = {}, {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
              for i, blk in enumerate(model.backbone.blocks)]

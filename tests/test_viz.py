@@ -29,8 +29,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(trained):
     ckpt, cfg, root = trained
-    rows = run_evaluation(cfg, str(ckpt), [0.0, 0.5], out_dir=root / "eval", verbose=False)
-    assert [r["name"] for r in rows] == ["dense", "dtop_p0_0", "dtop_p0_0.5"]
+    rows = run_evaluation(cfg, str(ckpt), [0.01, 0.5], out_dir=root / "eval", verbose=False)
+    assert [r["name"] for r in rows] == ["dense", "dtop_p0_0.01", "dtop_p0_0.5"]
     return root / "eval", cfg
 
 
@@ -64,7 +64,7 @@ def test_predict_writes_maps_and_goes_on_after_bad_files(trained, tmp_path, caps
     Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).convert("L").save(src / "grey.jpg")
     (src / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "out"
-    rc = main(["predict", str(ckpt), str(src), str(tmp_path / "missing.png"), "--out", str(out), "--p0", "0",
+    rc = main(["predict", str(ckpt), str(src), str(tmp_path / "missing.png"), "--out", str(out), "--p0", "0.01",
                "--palette", "cityscapes"])
     assert rc == 1  # finished, but some inputs failed
     err = capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_predict_writes_maps_and_goes_on_after_bad_files(trained, tmp_path, caps
         for kind in ("seg", "overlay"):
             assert Image.open(out / f"{r['stem']}_{kind}.png").size == (r["width"], r["height"])
         assert Image.open(out / f"{r['stem']}_exits.png").size[0] == 6 * DPI
-        assert 0 < r["gflops"] < r["dense_gflops"] and r["reduction_pct"] > 0  # p0 0: most tokens leave early
+        assert 0 < r["gflops"] < r["dense_gflops"] and r["reduction_pct"] > 0  # p0 0.01: most tokens leave early
         assert abs(sum(r[f"exit_s{s}"] for s in range(3)) - 1) < 1e-3
     seg = np.asarray(Image.open(out / "odd_seg.png"))
     cityscapes = {tuple(c) for c in __import__("dtop.data.meta", fromlist=["x"]).dataset_meta("cityscapes").palette}
@@ -93,15 +93,19 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_report_figures_have_the_expected_sizes(evaluated):
     run, cfg = evaluated
-    assert main(["report", str(run), "--p0", "0", "--images", "3"]) == 0
+    assert main(["report", str(run), "--p0", "0.01", "--images", "3"]) == 0
     rep = run / "report"
     H, W = cfg.data.crop_size  # the synthetic validation images are 128 x 192
-    assert _png_size(rep / "figure1.png") == (round(5 * CELL * DPI), round((3 * (CELL * H / W + 0.3) + 0.5) * DPI))
+    rows = 3 * (CELL * H / W + 0.3) + 0.5  # inches: the image rows and the stage legend; then the class legend
+    legends = {round((rows + 0.2 + 0.17 * k) * DPI) for k in (1, 2)}  # one or two lines of classes
+    w, h = _png_size(rep / "figure1.png")
+    assert w == round(5 * CELL * DPI) and h in legends
     assert _png_size(rep / "figure2.png") == (700, round((0.26 * 8 + 0.9) * DPI))  # 8 classes
     assert _png_size(rep / "sweep.png") == (640, 440)
     page = (rep / "report.html").read_text()
     assert page.count("<img ") == 3 and 'src="data:image/png;base64,' in page
-    assert "DToP (p0 0)" in page and "Per-class IoU" in page
+    assert "DToP (p0 0.01)" in page and "Per-class IoU" in page
+    assert "<th>dtop version</th>" in page and "<th>images</th>" in page and "-0.0%" not in page
     variants, compare = load_run(run)
     assert [v.method for v in variants] == ["dense", "dtop", "dtop"] and not compare
     # gallery-sized copies
@@ -151,6 +155,6 @@ def test_eval_figures_writes_the_report(trained, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     out = tmp_path / "ev"
-    assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "0", "--out", str(out), "--figures"]) == 0
+    assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "0.01", "--out", str(out), "--figures"]) == 0
     assert {p.name for p in (out / "report").iterdir()} == {"figure1.png", "figure2.png", "sweep.png", "report.html"}
-    assert json.loads((out / "dtop_p0_0" / "metrics.json").read_text())["checkpoint"] == str(ckpt)
+    assert json.loads((out / "dtop_p0_0.01" / "metrics.json").read_text())["checkpoint"] == str(ckpt)

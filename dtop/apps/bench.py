@@ -37,7 +37,8 @@ from ..models import DToPSegmentor, Segmentor, create_model, load_model
 from ..models.blocks import varlen_kernel_available
 from ..models.layouts import LAYOUTS, default_layout
 from ..models.packed import use_linear_kernel
-from .common import App, add_allocator, add_exit_options, add_linear, apply_exit_setting, exit_setting, set_allocator
+from .common import (App, add_allocator, add_exit_options, add_linear, apply_exit_setting, exit_setting, note_no_exit,
+                     set_allocator)
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -110,6 +111,16 @@ class Timing:
 
     def ratio(self) -> float:
         return self.total("dtop") / self.total("dense")
+
+    def repeat_ratios(self) -> list[float]:
+        """The time ratio of each repeat alone: its DToP times summed over the items over its dense times."""
+        n = min(len(t) for t in self.dense + self.dtop)
+        return [sum(t[r] for t in self.dtop) / sum(t[r] for t in self.dense) for r in range(n)]
+
+    def ratio_range(self) -> list[float]:
+        """[min, max] of :meth:`repeat_ratios`: how far the repeats spread around :meth:`ratio`."""
+        ratios = self.repeat_ratios()
+        return [min(ratios), max(ratios)]
 
 
 def _sync(device: torch.device) -> None:
@@ -230,6 +241,8 @@ def _measure_layout(calls: _Calls, device: torch.device, warmup: int, repeats: i
         "time_ratio_batch1": round(b1.ratio(), 4), "time_ratio_mixed": round(mx.ratio(), 4),
         "realised_batch1": round(realised(b1.ratio(), flop_ratio_b1), 3),
         "realised_mixed": round(realised(mx.ratio(), flop_ratio), 3),
+        # the spread of the repeats: [min, max] of each repeat's own time ratio, and the realised shares they give
+        **spread_fields("batch1", b1, flop_ratio_b1), **spread_fields("mixed", mx, flop_ratio),
         "dense_ms_per_image_batch1": round(1e3 * b1.total("dense") / n, 2),
         "dtop_ms_per_image_batch1": round(1e3 * b1.total("dtop") / n, 2),
         # each image alone, to see which exit fractions lose the most of their FLOP saving
@@ -266,7 +279,7 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "size": list(size), "batch": batch,
         **{k: round(v, _ROUND[k]) if k in _ROUND else v for k, v in flops.items()},
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "layouts": {},
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "layouts": {},
         "varlen_kernel": device.type == "cuda" and dtype != torch.float32 and varlen_kernel_available(),
     }
     result["peak_mem_dense_mb"] = round(peak_memory_mb(calls.dense_batch, device), 1)
@@ -280,10 +293,19 @@ def run_bench(model, images: Tensor, batch: int, layouts: Sequence[str], device:
         model.set_exit_rule(saved_rule)
     main = result["layouts"][layouts[0]]
     result.update({k: main[k] for k in ("time_ratio_batch1", "time_ratio_mixed", "realised_batch1", "realised_mixed",
-                                        "peak_mem_dtop_mb")})
+                                        "peak_mem_dtop_mb", "time_ratio_batch1_range", "time_ratio_mixed_range",
+                                        "realised_batch1_range", "realised_mixed_range")})
     result["layout"] = layouts[0]
     result["paths"], result["path"] = result["layouts"], result["layout"]  # deprecated names
     return result
+
+
+def spread_fields(which: str, timing: Timing, flop_ratio: float) -> dict[str, list[float]]:
+    """``time_ratio_<which>_range``: [min, max] of the repeats' time ratios (:meth:`Timing.ratio_range`);
+    ``realised_<which>_range``: the realised shares at those ratios, lowest first (NaN without a FLOP saving)."""
+    lo, hi = timing.ratio_range()
+    return {f"time_ratio_{which}_range": [round(lo, 4), round(hi, 4)],
+            f"realised_{which}_range": [round(realised(hi, flop_ratio), 3), round(realised(lo, flop_ratio), 3)]}
 
 
 def realised(time_ratio: float, flop_ratio: float) -> float:
@@ -308,6 +330,7 @@ def bench_model(args: argparse.Namespace) -> tuple[Segmentor, Tensor, Optional[l
             print(f"dtop bench: warning: --p0 has no effect: {args.checkpoint} runs the {model.reducer.kind} token "
                   f"reduction, not early exit", file=sys.stderr)
         apply_exit_setting(model, budget, "dtop bench")
+        note_no_exit(model, "dtop bench")
         images = load_images(args.images, tuple(args.size), args.batch)
         if len(images) < args.batch:
             print(f"dtop bench: warning: {args.images} holds {len(images)} image(s), fewer than --batch {args.batch}: "
@@ -404,6 +427,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile the blocks and heads (dynamic shapes) for dense and DToP alike")
+    sp.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile's mode (implies --compile); reduce-overhead: CUDA graphs, which need the "
+                         "fixed shapes of budget exits (--exit-ratio) or of dense")
     sp.add_argument("--count-ops", action="store_true",
                     help="count dispatched ops and host syncs per forward instead of timing (dense, each layout, "
                          "p0 1) at each --count-batches size; forced exits: --exit-fractions, else a spread "
@@ -428,6 +454,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    args.compile = args.compile or args.compile_mode is not None
     check_bench_args(args)
     device = resolve_device(args.device)
     kept = set_allocator(args)
@@ -436,7 +463,8 @@ def run(args: argparse.Namespace) -> None:
     # torch's own linear when compiling (inductor compiles its own) or counting (as a GPU runs it: no oneDNN packing)
     linear = use_linear_kernel(model, "aten" if args.compile or args.count_ops else args.linear, device)
     if args.compile:
-        model.to(device).compile()  # dense and DToP share the compiled blocks: realised against compiled dense
+        # dense and DToP share the compiled blocks: realised against compiled dense
+        model.to(device).compile(**({"mode": args.compile_mode} if args.compile_mode else {}))
     if args.paths:
         print("dtop bench: warning: --paths is deprecated; use --layouts", file=sys.stderr)
     first = default_layout(device)
@@ -446,21 +474,44 @@ def run(args: argparse.Namespace) -> None:
     result = run_bench(model, images, args.batch, layouts, device, getattr(torch, args.dtype), args.warmup,
                        args.repeats, fractions, bucket=args.bucket)
     result.update(model=args.checkpoint or args.name, allocator="keep" if kept else "system", linear=linear,
-                  compiled=bool(args.compile))
+                  compiled=bool(args.compile), compile_mode=args.compile_mode)
     if args.json:
         print(dumps(result))
         return
+    print_bench_table(result)
+
+
+FIXED_COST_NOTE = ("note: a realised share below 0 means DToP took longer than dense although it ran fewer FLOPs: "
+                   "small models and inputs are bound by fixed costs per call (Python, op dispatch, the auxiliary "
+                   "heads, gathering and scattering tokens) that exits do not cut; the FLOP saving shows on "
+                   "large ones (e.g. segvit_vit_b16 at 512 x 512)")
+
+
+def print_bench_table(result: dict[str, Any]) -> None:
+    """The human-readable report of :func:`run_bench`'s ``result``: the setting, then one row per layout with
+    each time ratio's [min, max] over the repeats, and :data:`FIXED_COST_NOTE` under the table when a
+    realised share is below 0."""
     print(f"{result['model']} at {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, {result['device']}, "
           f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}"
           f"{', compiled' if result['compiled'] else ''}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
           f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
     print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
-    print("| layout | time ratio b1 | time ratio mixed | realised b1 | realised mixed | peak MB |")
+    print(f"| layout | time ratio b1 [min, max of {result.get('repeats', '?')} repeats] | time ratio mixed [min, max] | "
+          f"realised b1 | realised mixed | peak MB |")
     print("|---|---|---|---|---|---|")
     for p, e in result["layouts"].items():
-        print(f"| {p} | {e['time_ratio_batch1']} | {e['time_ratio_mixed']} | {_cell(e['realised_batch1'])} | "
+        print(f"| {p} | {_spread_cell(e, 'batch1')} | {_spread_cell(e, 'mixed')} | {_cell(e['realised_batch1'])} | "
               f"{_cell(e['realised_mixed'])} | {e['peak_mem_dtop_mb']} |")
+    realised_values = [e[k] for e in result["layouts"].values() for k in ("realised_batch1", "realised_mixed")]
+    if any(isinstance(v, (int, float)) and v < 0 for v in realised_values):
+        print(FIXED_COST_NOTE)
+
+
+def _spread_cell(entry: dict[str, Any], which: str) -> str:
+    """A time ratio with the [min, max] of its repeats (when the entry has them)."""
+    value, spread = entry[f"time_ratio_{which}"], entry.get(f"time_ratio_{which}_range")
+    return f"{value} [{spread[0]}, {spread[1]}]" if spread else str(value)
 
 
 def report_op_counts(args: argparse.Namespace, model, layouts: Sequence[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import EXIT_MODES
@@ -96,3 +97,19 @@ def apply_exit_setting(model, setting: Optional[dict], who: str) -> None:
         return
     model.set_budget(**resolved_budget(model, setting))
 
+
+
+def check_out_folder(path, option: str = "--out") -> None:
+    """ConfigError when ``path`` (an output folder) exists as something other than a folder."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{option} {path} is an existing file, not a folder: name a folder for the results "
+                          f"(it is created when missing)")
+
+
+def note_no_exit(model, who: str) -> None:
+    """A note on stderr when a DToP ``model``'s rule lets no token exit early (a dense-trained checkpoint, p0 1),
+    saying how to prune."""
+    if hasattr(model, "can_exit") and not model.can_exit():
+        print(f"{who}: note: no token can exit early with this checkpoint's rule (p0 {model.cfg.p0}: a dense-trained "
+              f"model), so every image costs the dense GFLOPs; prune with --p0 0.9 (or --exit-ratio R)",
+              file=sys.stderr)

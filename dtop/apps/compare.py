@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,7 +31,7 @@ from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
 from ..jsonio import write_json
 from ..models import load_model
 from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
-from .common import App, add_exit_options, add_set, exit_setting
+from .common import App, add_exit_options, add_set, check_out_folder, exit_setting
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
 TABLE2 = ("expedite",)
@@ -79,7 +80,8 @@ def finetune_all(cfg: ExperimentConfig, dense_checkpoint: str, out_dir: Path, me
             if verbose:
                 print(f"== fine-tuning {m} for {c.train.iters} iterations -> {run_dir}", flush=True)
             try:
-                train(c, resume=(run_dir / LAST).is_file())
+                resume = (run_dir / LAST).is_file()
+                train(c, resume=resume, overwrite=not resume)  # a log without a checkpoint: start afresh
             except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI; a rerun resumes from last.pt
                 finished = [k for k in checkpoints if k not in TRAINING_FREE]
                 raise Interrupted.wrap(e, f"fine-tuned {', '.join(finished) or 'no method yet'}; fine-tuning {m} "
@@ -105,6 +107,7 @@ def evaluate_all(cfg: ExperimentConfig, dense_checkpoint: str, checkpoints: dict
                                       progress=progress_enabled(dist_info), desc=name, partial=partial,
                                       fingerprint=fingerprint(cfg, ckpt, name, model))
         metrics["checkpoint"] = ckpt
+        metrics["checkpoint_relative"] = os.path.relpath(os.path.abspath(ckpt), os.path.abspath(out_dir / "eval" / name))
         if dist_info.is_main:
             write_results(out_dir / "eval" / name, metrics, per_image, cfg)
             PartialResults(partial, {}).remove()
@@ -209,6 +212,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_out_folder(args.out)
     cfg = load_config(args.config, args.set)
     specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
     budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)

@@ -52,7 +52,7 @@ def run_demo(out_dir: str = "runs/demo", fast: bool = False) -> list[dict[str, A
     dense_cfg = demo_config(str(out / "dense"), fast)
     print(f"[1/3] training a tiny model with all stage heads, no pruning ({dense_cfg.train.iters} iterations)",
           flush=True)
-    dense_ckpt = train(dense_cfg)
+    dense_ckpt = train(dense_cfg, overwrite=True)  # the demo reruns from scratch
 
     ft_cfg = demo_config(str(out / "dtop"), fast)
     ft_cfg.train.scheme = "finetune"
@@ -62,7 +62,7 @@ def run_demo(out_dir: str = "runs/demo", fast: bool = False) -> list[dict[str, A
     ft_cfg.train.lr = dense_cfg.train.lr / 5
     ft_cfg.train.warmup_iters = 1
     print(f"[2/3] fine-tuning with DToP at p0 = 0.9 ({ft_cfg.train.iters} iterations, '@Finetune')", flush=True)
-    ft_ckpt = train(ft_cfg)
+    ft_ckpt = train(ft_cfg, overwrite=True)
 
     print("[3/3] evaluating dense vs DToP", flush=True)
     rows = run_evaluation(ft_cfg, str(ft_ckpt), P0S, with_dense=True, out_dir=out / "eval",

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..data import EvalTransform, image_files, read_image
+from ..data.transforms import normalize, resize_image
 from ..data.meta import named_display_meta, trained_display_meta
 from ..engine.common import normalisation, progress_enabled, resolve_device
 from ..engine.evaluate import predict
@@ -27,8 +28,9 @@ from ..errors import ConfigError, InputError, Interrupted, deferred_interrupts
 from ..jsonio import write_json
 from ..models import DToPSegmentor, load_model
 from ..models.packed import use_linear_kernel
-from ..viz import colorize, exit_map_figure, overlay
-from .common import App, add_allocator, add_exit_options, add_linear, apply_exit_setting, exit_setting, set_allocator
+from ..viz import class_legend, colorize, exit_map_figure, overlay, present_classes
+from .common import (App, add_allocator, add_exit_options, add_linear, apply_exit_setting, check_out_folder, exit_setting,
+                     note_no_exit, set_allocator)
 
 
 def stage_names(model) -> list[str]:
@@ -40,7 +42,66 @@ def _warn(message: str) -> None:
     print(f"dtop predict: error: {message} (going on with the others)", file=sys.stderr)
 
 
-def predict_image(model, cfg: ExperimentConfig, transform: EvalTransform, rgb: np.ndarray, device) -> dict[str, Any]:
+class PredictTransform:
+    """How ``predict`` sizes an image for the model, then normalises it: ``size`` (H, W) exactly, or the longer
+    side brought down to ``max_side`` (keeping the aspect ratio, never enlarging), or ``scale`` (mmsegmentation's
+    keep-ratio rescale, the config's ``data.eval_scale``). The results come back at the image's own size.
+    ``__call__(image uint8 (H, W, 3)) -> (FloatTensor (3, h, w), None)``."""
+
+    def __init__(self, size: Optional[Sequence[int]], max_side: Optional[int], scale: Optional[Sequence[int]],
+                 mean, std) -> None:
+        self.size, self.max_side, self.mean, self.std = size, max_side, mean, std
+        self.scaled = EvalTransform(scale=tuple(scale) if scale else None, mean=mean, std=std)
+
+    def __call__(self, rgb: np.ndarray) -> tuple[torch.Tensor, None]:
+        H, W = rgb.shape[:2]
+        if self.size is not None:
+            return normalize(resize_image(rgb, tuple(self.size)), self.mean, self.std), None
+        if self.max_side is not None:
+            f = min(1.0, self.max_side / max(H, W))
+            return normalize(resize_image(rgb, (max(1, round(H * f)), max(1, round(W * f)))), self.mean, self.std), None
+        return self.scaled(rgb)
+
+
+def default_scale(cfg: ExperimentConfig) -> Optional[list[int]]:
+    """``data.eval_scale``, else one taken from the training crop as mmsegmentation's test scales are (ADE20K:
+    crop 512, scale (2048, 512)): the shorter side at the crop's shorter side, the longer at most 4x the crop's
+    longer side. None without either (full resolution)."""
+    if cfg.data.eval_scale:
+        return list(cfg.data.eval_scale)
+    crop = cfg.data.crop_size
+    return [4 * max(crop), min(crop)] if crop else None
+
+
+def _warn_skipped(skipped: list[Path]) -> None:
+    """One warning line naming the subfolders and non-image files the folders held and predict left out."""
+    if not skipped:
+        return
+    dirs = [str(p) for p in skipped if p.is_dir()]
+    other = [str(p) for p in skipped if not p.is_dir()]
+
+    def some(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+    parts = ([f"{len(dirs)} subfolder(s) (add --recursive to search them): {some(dirs)}"] if dirs else []) + \
+        ([f"{len(other)} file(s) that are not images: {some(other)}"] if other else [])
+    print("dtop predict: warning: skipped " + "; ".join(parts), file=sys.stderr)
+
+
+def check_sizing(size, max_side, alpha: float) -> None:
+    """ConfigError for a ``--size`` that is not two positive integers, a ``--max-side`` below 1, both at once,
+    or an ``--alpha`` outside [0, 1]."""
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise ConfigError(f"--size takes two positive integers H W, got {size}")
+    if max_side is not None and max_side < 1:
+        raise ConfigError(f"--max-side must be a positive number of pixels, got {max_side}")
+    if size is not None and max_side is not None:
+        raise ConfigError("--size fixes both sides, --max-side the longer one: give one")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"--alpha is the overlay's opacity in [0, 1], got {alpha}")
+
+
+def predict_image(model, cfg: ExperimentConfig, transform, rgb: np.ndarray, device) -> dict[str, Any]:
     """One image (H, W, 3) uint8 -> its label map and exit-stage map at (H, W) and its GFLOPs."""
     x, _ = transform(rgb)
     pred = predict(model, x.to(device), cfg.eval)
@@ -51,10 +112,13 @@ def predict_image(model, cfg: ExperimentConfig, transform: EvalTransform, rgb: n
 
 def write_image(path: Path, stem: str, rgb: np.ndarray, p: dict[str, Any], out_dir: Path, colours, classes,
                 names: list[str], alpha: float) -> dict[str, Any]:
-    """The three PNGs of one image; returns its row of ``predictions.json``."""
+    """The four PNGs of one image (segmentation, overlay, exit map, the legend of the classes it shows);
+    returns its row of ``predictions.json``."""
     colour = colorize(p["label"], colours, None)
     Image.fromarray(colour).save(out_dir / f"{stem}_seg.png")
     Image.fromarray(overlay(rgb, colour, alpha)).save(out_dir / f"{stem}_overlay.png")
+    class_legend(classes, colours, out_dir / f"{stem}_legend.png",
+                 include=present_classes(p["label"], num_classes=len(classes)))
     reduction = 100 * (1 - p["gflops"] / p["dense_gflops"])
     exit_map_figure(p["exits"], names, out_dir / f"{stem}_exits.png", image=rgb,
                     title=f"{path.name}: {p['gflops']:.2f} GFLOPs, {vs_dense(reduction)}")
@@ -87,37 +151,52 @@ def vs_dense(reduction_pct: float) -> str:
     return f"{abs(reduction_pct):.1f}% {word} than dense"
 
 
-def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
-                  palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
-                  progress: bool = False, linear: str = "auto", compile: bool = False,
-                  budget: Optional[dict] = None) -> dict[str, Any]:
-    """Run the checkpoint on every image; returns the ``predictions.json`` content. Ctrl-C (or SIGTERM under
-    the CLI): :class:`~dtop.errors.Interrupted`, the images done listed in a partial ``predictions.json``.
-    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`);
-    ``compile``: torch.compile the blocks and heads (:meth:`~dtop.models.Segmentor.compile`; torch's linear);
-    ``budget``: the budget exit rule (:func:`dtop.apps.common.exit_setting`), instead of the checkpoint's rule."""
-    state = load_checkpoint(checkpoint)
-    cfg, recorded = config_from_dict(state.get("config") or {}), state.get("dataset")
-    del state  # the weights are loaded again by load_model
-    dev = resolve_device(device)
+def _predict_model(checkpoint: str, dev, p0: Optional[float], budget: Optional[dict], linear: str, compile: bool):
+    """The checkpoint's model on ``dev`` with the exit rule asked for (``p0``, ``budget``), its linear kernel,
+    compiled if asked; a warning for a ``p0`` a token-reduction model cannot use, a note when nothing can exit."""
     model = load_model(checkpoint, dev).eval()
     use_linear_kernel(model, "aten" if compile else linear, dev)
     if compile:
         model.compile()
-    dtop_model = isinstance(model, DToPSegmentor)
-    if p0 is not None and dtop_model:
+    if p0 is not None and isinstance(model, DToPSegmentor):
         model.set_p0(p0)
     elif p0 is not None:
         print(f"dtop predict: warning: --p0 has no effect: {checkpoint} runs the {model.reducer.kind} token "
               f"reduction, not early exit", file=sys.stderr)
     apply_exit_setting(model, budget, "dtop predict")
+    note_no_exit(model, "dtop predict")
+    return model
+
+
+def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Optional[float] = None,
+                  palette: Optional[str] = None, device: str = "auto", alpha: float = 0.5,
+                  progress: bool = False, linear: str = "auto", compile: bool = False,
+                  budget: Optional[dict] = None, size: Optional[Sequence[int]] = None,
+                  max_side: Optional[int] = None, recursive: bool = False) -> dict[str, Any]:
+    """Run the checkpoint on every image; returns the ``predictions.json`` content. Ctrl-C (or SIGTERM under
+    the CLI): :class:`~dtop.errors.Interrupted`, the images done listed in a partial ``predictions.json``.
+    ``linear``: the linear kernel for fp32 CPU inference (:func:`dtop.models.packed.use_linear_kernel`);
+    ``compile``: torch.compile the blocks and heads (:meth:`~dtop.models.Segmentor.compile`; torch's linear);
+    ``budget``: the budget exit rule (:func:`dtop.apps.common.exit_setting`), instead of the checkpoint's rule;
+    ``size`` (H, W) / ``max_side``: how the model sees each image (:class:`PredictTransform`; default the
+    config's ``data.eval_scale``, else :func:`default_scale`); ``recursive``: search folders' subfolders.
+    ConfigError for bad sizes or an ``alpha`` outside [0, 1]."""
+    check_sizing(size, max_side, alpha)
+    check_out_folder(out_dir)
+    state = load_checkpoint(checkpoint)
+    cfg, recorded = config_from_dict(state.get("config") or {}), state.get("dataset")
+    del state  # the weights are loaded again by load_model
+    dev = resolve_device(device)
+    model = _predict_model(checkpoint, dev, p0, budget, linear, compile)
+    dtop_model = isinstance(model, DToPSegmentor)
     colours, classes = display_colours(palette, model.num_classes, cfg, recorded)
     mean, std = normalisation(cfg)
-    transform = EvalTransform(scale=tuple(cfg.data.eval_scale) if cfg.data.eval_scale else None,
-                              mean=mean, std=std)
-    files, errors = image_files(inputs)
+    transform = PredictTransform(size, max_side, default_scale(cfg), mean, std)
+    skipped: list[Path] = []
+    files, errors = image_files(inputs, recursive=recursive, skipped=skipped)
     for e in errors:
         _warn(f"{e['file']}: {e['error']}")
+    _warn_skipped(skipped)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names, rows, used = stage_names(model), [], set()
@@ -138,7 +217,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
                 stem += "_"
             used.add(stem)
             p = predict_image(model, cfg, transform, rgb, dev)
-            with deferred_interrupts():  # an image's three PNGs and its row, or none of them
+            with deferred_interrupts():  # an image's PNGs and its row, or none of them
                 rows.append(write_image(path, stem, rgb, p, out_dir, colours, classes, names, alpha))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
         raise _interrupted(e, out_dir, result, len(files)) from e
@@ -179,7 +258,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--palette", default=None,
                     help="dataset whose colours to use (ade20k, pascal_context59, coco_stuff10k, cityscapes, "
                          "camvid, ...; default: the checkpoint's dataset)")
-    sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation")
+    sp.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the segmentation, in [0, 1]")
+    sp.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                    help="resize every image to H x W for the model (results come back at the image's size)")
+    sp.add_argument("--max-side", type=int, default=None,
+                    help="bring the longer side down to this many pixels for the model (keeps the aspect ratio; "
+                         "default: the config's eval_scale, else one from the training crop)")
+    sp.add_argument("--recursive", action="store_true", help="also search the subfolders of the folders given")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
     add_exit_options(sp)
@@ -193,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--p0 sets the threshold rule; --exit-ratio / --exit-mode budget the budget rule: give one")
     result = predict_paths(args.checkpoint, args.inputs, Path(args.out), p0=args.p0, palette=args.palette,
                            device=args.device, alpha=args.alpha, progress=progress_enabled(), linear=args.linear,
-                           compile=args.compile, budget=exit_setting(args))
+                           compile=args.compile, budget=exit_setting(args), size=args.size,
+                           max_side=args.max_side, recursive=args.recursive)
     for r in result["images"]:
         exits = " / ".join(f"{100 * r[f'exit_s{s}']:.0f}%" for s in range(len(result["stages"])))
         print(f"{r['file']}: {r['gflops']:.2f} GFLOPs ({vs_dense(r['reduction_pct'])}), "

@@ -5,6 +5,7 @@ import argparse
 
 from ..config import load_config
 from ..engine import train
+from ..errors import ConfigError
 from .common import App, add_set
 
 
@@ -12,10 +13,14 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("config")
     add_set(sp)
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an out_dir that already holds a run (its checkpoint and log are replaced)")
 
 
 def run(args: argparse.Namespace) -> None:
-    path = train(load_config(args.config, args.set), resume=args.resume)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in out_dir, --overwrite replaces it: give one")
+    path = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(f"checkpoint: {path}")
 
 

@@ -100,17 +100,24 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def image_files(inputs: Sequence[Union[str, Path]]) -> tuple[list[Path], list[dict[str, str]]]:
-    """Files named, and image files found (not recursively) in the folders named, in order; returns them and
-    the inputs that gave none (``{"file": ..., "error": ...}``: missing paths, folders without images)."""
+def image_files(inputs: Sequence[Union[str, Path]], recursive: bool = False,
+                skipped: Optional[list[Path]] = None) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files named, and image files found in the folders named (``recursive``: in their subfolders too), in
+    order; returns them and the inputs that gave none (``{"file": ..., "error": ...}``: missing paths,
+    folders without images). ``skipped``, when given, receives what the folders held but was not taken:
+    subfolders (without ``recursive``) and files that are not images by their suffix."""
     files: list[Path] = []
     errors: list[dict[str, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if is_image_file(f))
+            entries = sorted(p.rglob("*") if recursive else p.iterdir())
+            found = [f for f in entries if f.is_file() and is_image_file(f)]
+            if skipped is not None:
+                skipped += [f for f in entries if (f.is_dir() and not recursive) or (f.is_file() and f not in found)]
             if not found:
-                errors.append({"file": str(p), "error": "no image files in this folder"})
+                errors.append({"file": str(p), "error": "no image files in this folder"
+                                                        + ("" if recursive else " (--recursive searches its subfolders)")})
             files += found
         elif p.is_file():
             files.append(p)

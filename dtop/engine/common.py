@@ -31,12 +31,28 @@ class DistInfo:
 
 
 def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.device:
-    """``auto``: CUDA (the process's local rank) when available, else CPU."""
+    """``auto``: CUDA (the process's local rank) when available, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    ConfigError for another name or a device this machine does not have."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist_info is not None and dist_info.world_size > 1:
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: this machine has no CUDA GPU that torch can use "
+                              f"(torch.cuda.is_available() is False); use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        if dist_info is not None and dist_info.world_size > 1:
+            return torch.device("cuda", dist_info.local_rank)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name}: MPS (Apple GPU) is not available here; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name}: dtop runs on cpu, cuda or mps")
+    return device
 
 
 def keep_freed_memory() -> bool:

@@ -2,10 +2,13 @@
 (as mmsegmentation computes it), per-image GFLOPs and exit fractions."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
+import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -19,7 +22,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .._version import __version__
-from ..config import EvalSection, ExperimentConfig
+from ..checkpoint import load_checkpoint
+from ..config import EvalSection, ExperimentConfig, config_from_dict
 from ..errors import ConfigError, Interrupted, deferred_interrupts
 from ..flops import dense_flops, forward_gflops
 from ..jsonio import dumps, write_json
@@ -316,19 +320,11 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     dist_info = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, dist_info)
     main = dist_info.is_main
+    cfg = with_checkpoint_model(cfg, checkpoint, announce=main)
     out_dir = eval_dir(checkpoint, out_dir)
     dataset = experiment_dataset(cfg, cfg.data.val_split, train=False)
     models = {checkpoint: _compiled(load_model(checkpoint, device, reduction), compile)}
-    variants: list[tuple[str, Optional[float], str]] = []
-    if with_dense:
-        variants.append(("dense", None, dense_checkpoint or checkpoint))
-    if isinstance(models[checkpoint], ReducedSegmentor):
-        variants.append((models[checkpoint].reducer.kind, None, checkpoint))
-    else:
-        variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
-        if budget is not None:
-            budget = resolved_budget(models[checkpoint], budget)
-            variants.append((budget_variant(budget), None, checkpoint))
+    variants, budget = _variants(models[checkpoint], checkpoint, p0s, with_dense, dense_checkpoint, budget)
     summary: list[dict[str, Any]] = []
     name = variants[0][0]
     try:
@@ -339,25 +335,11 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
                 model.set_p0(p0)
             elif name.startswith("dtop_budget"):
                 model.set_budget(**budget)
-            run = fingerprint(cfg, ckpt, name, model)
-            metrics = finished(out_dir / name, run)
-            if metrics is None:
-                metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
-                                         progress=progress_enabled(dist_info), desc=name,
-                                         partial=out_dir / f"{name}.partial", fingerprint=run)
-                metrics["checkpoint"], metrics["run"] = str(ckpt), run
-                if main:
-                    write_results(out_dir / name, metrics, rows, cfg)
-                    PartialResults(out_dir / f"{name}.partial", run).remove()
-                barrier()
-            elif verbose and main:
-                print(f"\n== {name}: done already ({out_dir / name / 'metrics.json'}, the same checkpoint and settings)")
+            metrics = _evaluate_variant(cfg, model, dataset, device, name, ckpt, out_dir, dist_info, verbose)
             summary.append({"name": name, "p0": p0, "miou": metrics["miou"], "gflops": metrics["gflops"],
                             "exit_fractions": metrics["exit_fractions"], **_budget_fields(metrics),
                             **({"target_gflops": cfg.eval.target_gflops}
                                if cfg.eval.target_gflops is not None and name != "dense" else {})})
-            if verbose and main:
-                print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under the CLI
         kept = PartialResults(out_dir / f"{name}.partial", {}).count()
         raise interrupted_evaluation(e, [r["name"] for r in summary], [v[0] for v in variants], out_dir,
@@ -368,6 +350,71 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: str, p0s: Sequence[float],
     if main:
         write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _variants(model, checkpoint: str, p0s: Sequence[float], with_dense: bool, dense_checkpoint: Optional[str],
+              budget: Optional[dict]) -> tuple[list[tuple[str, Optional[float], str]], Optional[dict]]:
+    """The variants to evaluate, (name, p0, checkpoint) each, and the budget setting resolved."""
+    variants: list[tuple[str, Optional[float], str]] = []
+    if with_dense:
+        variants.append(("dense", None, dense_checkpoint or checkpoint))
+    if isinstance(model, ReducedSegmentor):
+        return variants + [(model.reducer.kind, None, checkpoint)], budget
+    variants += [(f"dtop_p0_{p:g}", float(p), checkpoint) for p in p0s]
+    if budget is not None:
+        budget = resolved_budget(model, budget)
+        variants.append((budget_variant(budget), None, checkpoint))
+    return variants, budget
+
+
+def _evaluate_variant(cfg: ExperimentConfig, model, dataset, device, name: str, ckpt: str, out_dir: Path,
+                      dist_info, verbose: bool) -> dict[str, Any]:
+    """One variant's metrics: read back when ``out_dir/name`` holds a finished evaluation of the same
+    fingerprint, else evaluated (resuming from ``<name>.partial``) and written by rank 0."""
+    main = dist_info.is_main
+    run = fingerprint(cfg, ckpt, name, model)
+    metrics = finished(out_dir / name, run)
+    if metrics is None:
+        metrics, rows = evaluate(model, dataset, cfg.eval, device, dense=name == "dense",
+                                 progress=progress_enabled(dist_info), desc=name,
+                                 partial=out_dir / f"{name}.partial", fingerprint=run)
+        metrics["checkpoint"], metrics["run"] = str(ckpt), run
+        # also relative to the metrics file, so a report finds it from any folder (and after the two move together)
+        metrics["checkpoint_relative"] = os.path.relpath(os.path.abspath(ckpt), os.path.abspath(out_dir / name))
+        metrics["model_config"] = model.cfg.to_dict()  # what ran (the checkpoint's, with this variant's rule)
+        if main:
+            write_results(out_dir / name, metrics, rows, cfg)
+            PartialResults(out_dir / f"{name}.partial", run).remove()
+        barrier()
+    elif verbose and main:
+        print(f"\n== {name}: done already ({out_dir / name / 'metrics.json'}, the same checkpoint and settings)")
+    if verbose and main:
+        print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
+    return metrics
+
+
+def with_checkpoint_model(cfg: ExperimentConfig, checkpoint: str, announce: bool = True) -> ExperimentConfig:
+    """``cfg`` with the checkpoint's own model section (what is evaluated is the checkpoint's model, whatever
+    the config says) and, where the config leaves them unset, its normalisation (``data.mean``/``std``);
+    prints a note on stderr when the config's model section differs (``announce``)."""
+    recorded = load_checkpoint(checkpoint).get("config") or {}
+    model, data = recorded.get("model"), recorded.get("data") or {}
+    out = copy.deepcopy(cfg)
+    if model:
+        ran = config_from_dict({"model": model}).model
+        if asdict(ran) != asdict(cfg.model) and announce:
+            print(f"dtop eval: note: the config's model section ({_model_text(asdict(cfg.model))}) differs from "
+                  f"the checkpoint's ({_model_text(asdict(ran))}); evaluating the checkpoint's model, as it was "
+                  f"trained (metrics.json records it)", file=sys.stderr)
+        out.model = ran
+    if out.data.mean is None and out.data.std is None and data.get("mean") and data.get("std"):
+        out.data.mean, out.data.std = list(data["mean"]), list(data["std"])
+    return out
+
+
+def _model_text(d: dict[str, Any]) -> str:
+    extra = f", overrides {d['overrides']}" if d.get("overrides") else ""
+    return f"preset {d['preset']}{extra}"
 
 
 def fingerprint(cfg: ExperimentConfig, checkpoint: str, variant: str, model) -> dict[str, Any]:

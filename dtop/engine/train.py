@@ -10,7 +10,9 @@ Schemes (``docs/method/training.md``): ``dense`` trains every stage head with p0
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from ..checkpoint import (check_and_load, load_checkpoint, position_grids, read_
                           save_atomic)
 from ..config import ExperimentConfig, save_config
 from ..convert import load_into
-from ..errors import INTERRUPT_SIGNALS, CheckpointError, Interrupted, deferred_interrupts, raise_interrupted
+from ..errors import INTERRUPT_SIGNALS, CheckpointError, ConfigError, Interrupted, deferred_interrupts, raise_interrupted
 from ..jsonio import dumps
 from ..models import DToPSegmentor
 from .common import (DistInfo, experiment_dataset, experiment_model, init_distributed, normalisation, progress_enabled,
@@ -35,6 +37,7 @@ from .common import (DistInfo, experiment_dataset, experiment_model, init_distri
 from .losses import segmentation_loss
 
 LAST = "last.pt"
+LOG = "train_log.jsonl"
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
@@ -195,15 +198,62 @@ def _log(log_file: Path, record: dict[str, Any], total: float, bar, dist_info: D
               f"{record['s_per_iter']:.2f} s/it", flush=True)
 
 
-def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """ConfigError when a new run would go into ``out_dir`` that already holds one (a checkpoint or a training
+    log), naming ``--resume``, a new ``out_dir`` and ``--overwrite``; with ``overwrite`` the old log goes."""
+    ckpt, log = out_dir / LAST, out_dir / LOG
+    if resume or not (ckpt.is_file() or log.is_file()):
+        return
+    if overwrite:
+        log.unlink(missing_ok=True)
+        return
+    held = f"a checkpoint of iteration {int(load_checkpoint(ckpt)['iter'])}" if ckpt.is_file() else "a training log"
+    raise ConfigError(f"out_dir {out_dir} already holds a run ({held}): continue it with --resume, train into "
+                      f"another folder (--set out_dir=...), or replace it with --overwrite")
+
+
+def trim_log(log: Path, last_iter: int) -> None:
+    """Keep the records of iterations up to ``last_iter`` in the JSON-lines log ``log`` (a resumed run redoes
+    the ones after its checkpoint, so each iteration is logged once), atomically."""
+    if not log.is_file():
+        return
+    kept = [line for line in log.read_text().splitlines() if line.strip() and _log_iter(line) <= last_iter]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log)
+
+
+def _log_iter(line: str) -> float:
+    try:
+        return float(json.loads(line).get("iter", math.inf))
+    except ValueError:
+        return math.inf  # a line cut short: dropped
+
+
+def set_training_rule(model: nn.Module, tc) -> None:
+    """The exit rule the scheme trains with: none for ``dense`` (p0 1), else ``train.p0`` or, with
+    ``train.exit_mode`` budget, ``train.exit_ratio``/``p_min``. A token-reduction alternative has no early
+    exit; its checkpoint still records the scheme's p0."""
+    p0 = 1.0 if tc.scheme == "dense" else tc.p0
+    if isinstance(model, DToPSegmentor) and tc.scheme != "dense" and tc.exit_mode == "budget":
+        model.set_budget(tc.exit_ratio, tc.p_min)
+    elif isinstance(model, DToPSegmentor):
+        model.set_p0(p0)
+    else:
+        model.cfg.p0 = p0
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the path of the final checkpoint (``out_dir/last.pt``). On Ctrl-C (or SIGTERM
     under the CLI) it writes a checkpoint of the last completed iteration, then raises
-    :class:`~dtop.errors.Interrupted` saying so (``--resume`` continues)."""
+    :class:`~dtop.errors.Interrupted` saying so (``--resume`` continues). ConfigError when ``out_dir`` already
+    holds a run and neither ``resume`` nor ``overwrite`` is set (:func:`check_out_dir`)."""
     cfg.validate()
     tc = cfg.train
+    out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir, resume, overwrite)
     dist_info = init_distributed(tc.device)
     device = resolve_device(tc.device, dist_info)
-    out_dir = Path(cfg.out_dir)
     torch.manual_seed(tc.seed + dist_info.rank)
 
     mean, std = normalisation(cfg)  # recorded in the config saved with every checkpoint
@@ -211,15 +261,12 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     dataset = experiment_dataset(cfg, cfg.data.train_split, train=True)
     model = experiment_model(cfg, dataset.num_classes)
     dataset.transform.size_divisor = model.backbone.patch_size  # crops padded to whole patches
-    p0 = 1.0 if tc.scheme == "dense" else tc.p0
-    if isinstance(model, DToPSegmentor) and tc.scheme != "dense" and tc.exit_mode == "budget":
-        model.set_budget(tc.exit_ratio, tc.p_min)
-    elif isinstance(model, DToPSegmentor):
-        model.set_p0(p0)
-    else:  # a token-reduction alternative has no early exit; its checkpoint still records the scheme's p0
-        model.cfg.p0 = p0
+    set_training_rule(model, tc)
     ckpt_path = out_dir / LAST
     start_iter, state = _start(model, cfg, ckpt_path, resume, dist_info)
+    if state is not None and dist_info.is_main:
+        print(f"resuming from iteration {start_iter} of {tc.iters} ({ckpt_path})", flush=True)
+        trim_log(out_dir / LOG, start_iter)
     model.to(device).train()
     run = _Run.build(cfg, model, device, dist_info, state)
     run.saved = start_iter if state is not None else -1
@@ -240,7 +287,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             if dist_info.is_main and (done % tc.log_interval == 0 or done == tc.iters):
                 record = {"iter": done, "loss": round(total, 5), "lr": run.optimizer.param_groups[0]["lr"],
                           "s_per_iter": round((time.time() - t0) / (done - start_iter), 4), **parts}
-                _log(out_dir / "train_log.jsonl", record, total, bar, dist_info, tc.iters)
+                _log(out_dir / LOG, record, total, bar, dist_info, tc.iters)
             if done % tc.ckpt_interval == 0 or done == tc.iters:
                 if dist_info.is_main:
                     run.save(ckpt_path, done)

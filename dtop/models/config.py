@@ -110,11 +110,12 @@ class SegmentorConfig:
     name: str = ""
 
     def p0_per_stage(self) -> list[float]:
-        """One threshold per non-final stage."""
+        """One threshold per non-final stage; ConfigError for a wrong count or a value outside (0, 1]."""
         n = len(self.stages) - 1
-        if isinstance(self.p0, (int, float)):
-            return [float(self.p0)] * n
-        p0 = [float(p) for p in self.p0]
+        values = [self.p0] * n if isinstance(self.p0, (int, float)) and not isinstance(self.p0, bool) else self.p0
+        if not isinstance(values, (list, tuple)):
+            raise ConfigError(f"p0 must be a number in (0, 1] or a list of them, got {self.p0!r}")
+        p0 = [check_p0(p) for p in values]
         if len(p0) != n:
             raise ConfigError(f"p0 has {len(p0)} values but the model has {n} non-final stages")
         return p0
@@ -178,6 +179,13 @@ class SegmentorConfig:
         elif isinstance(d.get("reduction"), str):  # "avgpool", "expedite,block=5": as --reduction reads it
             d["reduction"] = parse_reduction(d["reduction"])
         return cls(**d)
+
+
+def check_p0(p: Any, what: str = "p0") -> float:
+    """``p`` as a float when it is a confidence threshold in (0, 1] (1: no token exits), else ConfigError."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+        raise ConfigError(f"{what} is a confidence threshold in (0, 1] (1: no token exits early), got {p!r}")
+    return float(p)
 
 
 def reduction_from_dict(d: dict[str, Any]) -> ReductionSpec:

@@ -18,7 +18,24 @@ th:first-child, td:first-child { text-align: left; }
 thead { background: #f2f2f2; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption, .note { color: #555; font-size: 0.9em; }
+table.provenance th { text-align: left; background: #f2f2f2; }
+table.provenance td { text-align: left; }
+.alert { border-left: 4px solid #d7301f; background: #fdf0ee; padding: 0.5em 0.8em; }
 """
+
+
+def fixed(value: float, digits: int = 1, signed: bool = False, suffix: str = "") -> str:
+    """``value`` with ``digits`` decimals, never a negative zero: anything that rounds to 0 is ``0.0``
+    (``fixed(-0.04) == "0.0"``, not ``"-0.0"``); ``signed``: ``+`` before positive values."""
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    if float(text) == 0:
+        text = f"{0.0:.{digits}f}"
+    return text + suffix
+
+
+def percent(value: float, digits: int = 1, signed: bool = False) -> str:
+    """A value already in percent as text: ``percent(31.25) == "31.2%"``, ``percent(-0.01) == "0.0%"``."""
+    return fixed(value, digits, signed, "%")
 
 
 def html_table(table: Table) -> str:
@@ -33,10 +50,21 @@ def png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def provenance_table(rows: Sequence[tuple[str, str]]) -> str:
+    """What the report was made from (checkpoint, dataset, images, dtop version): one row per (name, value)."""
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table class=\"provenance\"><tbody>{body}</tbody></table>" if rows else ""
+
+
 def report_page(run_dir: Path, results: Table, figures: Sequence[Figure], classes: Optional[Table] = None,
-                notes: Sequence[str] = (), compare: bool = False) -> str:
-    """The report: the results table, each figure with its caption, the per-class table and the notes."""
-    parts = ["<h2>Results</h2>", html_table(results)]
+                notes: Sequence[str] = (), compare: bool = False, provenance: Sequence[tuple[str, str]] = (),
+                alerts: Sequence[str] = ()) -> str:
+    """The report: where it comes from (``provenance``: (name, value) rows), the ``alerts`` (what the reader
+    must know before reading the figures), the results table, each figure with its caption, the per-class
+    table and the notes."""
+    parts = [provenance_table(provenance)]
+    parts += [f"<p class=\"alert\">{html.escape(a)}</p>" for a in alerts]
+    parts += ["<h2>Results</h2>", html_table(results)]
     if compare:
         parts.append("<p>All methods start from the same dense checkpoint; the trained ones were fine-tuned with "
                      "the same schedule, Expedite-ViT is training-free.</p>")
