@@ -82,8 +82,8 @@ def _not_weights(path: Path) -> Optional[str]:
             head.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        return "a text file" + (" (YAML: a config? pass it as CONFIG, the checkpoint with --checkpoint)"
-                                if path.suffix in (".yaml", ".yml") else "")
+        return "a text file" + (" (YAML: a config? a command that takes one reads it as CONFIG: "
+                                "dtop eval CONFIG --checkpoint CKPT)" if path.suffix in (".yaml", ".yml") else "")
     return None
 
 

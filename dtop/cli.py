@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Optional, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -52,13 +54,29 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+@contextmanager
+def one_line_warnings(prefix: str) -> Iterator[None]:
+    """Warnings printed as ``<prefix>: warning: <message>`` lines (not Python's file:line and source line)
+    while a command runs (``warnings.formatwarning``, so tests that record warnings still see them)."""
+    original = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"{prefix}: warning: {message}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; dtop's own errors end in one line on stderr and exit status 2 (others keep their
     traceback). A command returns 1 when it finished but some inputs failed. Ctrl-C (SIGINT) or SIGTERM
     ends it with one line (:func:`interrupted_line`) and status 128 + the signal (130, 143)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    with interrupts_raise():
+    with interrupts_raise(), one_line_warnings(f"dtop {args.command}"):
         try:
             return args.run(args) or 0
         except DToPError as e:

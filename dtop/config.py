@@ -143,7 +143,7 @@ class ExperimentConfig:
                                       f"got {p!r}")
         if self.train.warmup_iters > self.train.iters:
             warnings.warn(f"train.warmup_iters ({self.train.warmup_iters}) is larger than train.iters "
-                          f"({self.train.iters}): the learning rate never reaches train.lr", UserWarning, stacklevel=2)
+                          f"({self.train.iters}): the learning rate never reaches train.lr", UserWarning)
         for name in ("iters", "batch_size", "grad_accum"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")

@@ -119,12 +119,20 @@ def test_common_mistakes_end_in_one_line(run, tmp_path, capsys):
         (["predict", str(ckpt), str(img), "--out", str(tmp_path / "o"), "--p0", "1.5"], "in (0, 1]"),
         (["predict", str(ckpt), str(img), "--out", str(tmp_path / "o"), "--alpha", "2"], "--alpha is the overlay"),
         (["train", str(cfg_path), "--set", "train.p0=0"], "train.p0 is a confidence threshold in (0, 1]"),
-        (["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "1.2"], "in (0, 1]"),
+        (["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "1.2"], "in (0, 1]"),  # before any variant runs
+        (["calibrate", str(cfg_path), "--checkpoint", str(ckpt), "--target-reduction", "0.2", "--out", str(img)],
+         "calibrate writes a YAML config"),
+        (["export", str(ckpt), "--out", str(tmp_path)], "is a folder; name the file"),
+        (["train", str(cfg_path), "--set", f"out_dir={a_file}"], "is an existing file, not a folder"),
+        (["report", str(tmp_path / "nowhere")], "no such folder"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        line = _one_line(capsys)
-        assert message in line, (argv, line)
+        out, err = capsys.readouterr()
+        assert out == "", argv  # refused before any work was done or printed
+        lines = [x for x in err.splitlines() if x.strip() and ": warning: " not in x]
+        assert len(lines) == 1 and "Traceback" not in err and message in lines[0], (argv, err)
+    assert Image.open(img).size == (96, 64)  # calibrate left the image alone
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
@@ -162,9 +170,25 @@ def test_p0_is_checked_wherever_it_enters():
         load_config(None, ["eval.p0=[0.9, 2]"])
 
 
-def test_warmup_longer_than_training_warns():
+def test_warmup_longer_than_training_warns_in_one_line(capsys):
     with pytest.warns(UserWarning, match="warmup_iters \\(500\\) is larger than train.iters \\(100\\)"):
         load_config(None, ["train.iters=100", "train.warmup_iters=500"])
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dtop", "config", "--set", "train.iters=100", "--set",
+                           "train.warmup_iters=500"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    err = done.stderr.strip().splitlines()
+    assert err == ["dtop config: warning: train.warmup_iters (500) is larger than train.iters (100): the learning "
+                   "rate never reaches train.lr"]
+
+
+def test_eval_says_when_no_token_exited(run, tmp_path, capsys):
+    _, cfg_path, ckpt = run  # dense-trained: its untrained exit heads are not confident at p0 0.99
+    assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--p0", "0.99", "--no-dense",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert "dtop_p0_0.99: no token exited before the final stage" in capsys.readouterr().err
 
 
 def test_eval_uses_the_checkpoints_model_and_says_so(run, tmp_path, capsys):

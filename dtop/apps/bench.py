@@ -506,6 +506,12 @@ def print_bench_table(result: dict[str, Any]) -> None:
     realised_values = [e[k] for e in result["layouts"].values() for k in ("realised_batch1", "realised_mixed")]
     if any(isinstance(v, (int, float)) and v < 0 for v in realised_values):
         print(FIXED_COST_NOTE)
+    if not any(result.get("exit_fractions") or [0]):
+        print("note: no token exited early in these images (p0 too high for these heads, or a dense-trained "
+              "checkpoint): DToP only added its auxiliary heads; try a lower --p0 or budget exits (--exit-ratio)")
+    elif isinstance(result.get("flop_ratio"), (int, float)) and result["flop_ratio"] >= 1:
+        print("note: DToP ran more GFLOPs than dense: its auxiliary heads cost more than the exits saved at this "
+              "size and number of classes (realised shares are n/a without a FLOP saving)")
 
 
 def _spread_cell(entry: dict[str, Any], which: str) -> str:

@@ -12,6 +12,7 @@ from ..engine.common import experiment_dataset, progress_enabled, resolve_device
 from ..errors import ConfigError
 from ..jsonio import write_json
 from ..models import load_model
+from ..viz import percent
 from .common import App, add_set
 
 
@@ -35,7 +36,18 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     add_set(sp)
 
 
+def check_config_out(out: Path) -> None:
+    """ConfigError unless ``out`` can take the config calibrate writes: a ``.yaml``/``.yml`` name that is not a
+    folder (an existing YAML file is replaced)."""
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"--out {out}: calibrate writes a YAML config; name a .yaml file")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a .yaml file")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.out:
+        check_config_out(Path(args.out))
     cfg = load_config(args.config, args.set)
     if args.images < 1 or args.steps < 1:
         raise ConfigError(f"--images and --steps must be >= 1, got {args.images} and {args.steps}")
@@ -52,14 +64,15 @@ def run(args: argparse.Namespace) -> None:
     result = calibrate(model, images, cfg.eval, device, target, args.exit_mode, args.profile, args.steps,
                        progress=progress_enabled())
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"calibrated_{result.exit_mode}.yaml"
+    check_config_out(out)
     save_config(calibrated_config(cfg, result), out)
     write_json(out.with_suffix(".json"), {**result.as_dict(), "checkpoint": args.checkpoint})
     rule = f"p0 {result.p0:g}" if result.exit_mode == "threshold" else \
         "exit ratios " + ", ".join(f"{r:.4g}" for r in result.exit_ratio)
     print(f"{result.exit_mode} rule: {rule}: {result.achieved:.4f} GFLOPs per image on {result.images} "
           f"{args.split or cfg.data.train_split} images (target {result.target:.4f}, "
-          f"{100 * (result.achieved / result.target - 1):+.1f}%; dense {result.dense:.4f}, "
-          f"{100 * (1 - result.achieved / result.dense):.1f}% fewer); exits per stage {result.exit_fractions}")
+          f"{percent(100 * (result.achieved / result.target - 1), signed=True)}; dense {result.dense:.4f}, "
+          f"{percent(100 * (1 - result.achieved / result.dense))} fewer); exits per stage {result.exit_fractions}")
     print(f"written: {out} (and {out.with_suffix('.json').name}); evaluate it with:\n"
           f"  dtop eval {shlex.quote(str(out))} --checkpoint {shlex.quote(args.checkpoint)}")
 

@@ -49,9 +49,9 @@ def add_linear(sp: argparse.ArgumentParser) -> None:
                          "auto: onednn on CPU where this torch has it")
 
 
-def add_exit_options(sp: argparse.ArgumentParser) -> None:
+def add_exit_options(sp: argparse.ArgumentParser, title: str = "exit rule (default: the threshold rule at p0)") -> None:
     """``--exit-mode``, ``--exit-ratio``, ``--p-min``: the budget exit rule (``docs/method/exit-rule.md``)."""
-    g = sp.add_argument_group("exit rule (default: the threshold rule at p0)")
+    g = sp.add_argument_group(title)
     g.add_argument("--exit-mode", choices=EXIT_MODES, default=None,
                    help="threshold: tokens more confident than p0 exit; budget: every image exits a fixed share "
                         "of its tokens at each non-final stage (fixed shapes: export, CUDA graphs)")

@@ -30,7 +30,7 @@ from ..engine.train import LAST, train
 from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
 from ..jsonio import write_json
 from ..models import load_model
-from ..models.config import REDUCTIONS, ReductionSpec, parse_reduction
+from ..models.config import REDUCTIONS, ReductionSpec, check_p0, parse_reduction
 from .common import App, add_exit_options, add_set, check_out_folder, exit_setting
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
@@ -213,6 +213,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_out_folder(args.out)
+    for p in args.p0 or []:
+        check_p0(p, "--p0")  # before any fine-tuning or evaluation runs
     cfg = load_config(args.config, args.set)
     specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
     budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)

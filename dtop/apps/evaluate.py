@@ -8,7 +8,7 @@ from ..config import load_config
 from ..engine import run_evaluation, summary_table
 from ..engine.evaluate import eval_dir
 from ..engine.shards import world
-from ..models.config import parse_reduction
+from ..models.config import check_p0, parse_reduction
 from .common import App, add_exit_options, add_set, check_out_folder, exit_setting
 from .report import build_report
 
@@ -32,6 +32,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_out_folder(args.out)
+    for p in args.p0 or []:
+        check_p0(p, "--p0")  # before any evaluation runs
     cfg = load_config(args.config, args.set)
     budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--check", default=None, metavar="IMAGE",
                     help="an image to compare PyTorch's output with the export's on (default: random input)")
     sp.add_argument("--no-check", action="store_true", help="skip running the ONNX file with onnxruntime")
-    add_exit_options(sp)
+    add_exit_options(sp, "exit rule (default: the checkpoint's; only budget exits export)")
 
 
 def export_size(model, cfg, size) -> tuple[int, int]:
@@ -57,9 +58,14 @@ def run(args: argparse.Namespace) -> None:
         model.set_p0(model.cfg.p0)  # the checkpoint's threshold rule: refused below, naming budget mode
     apply_exit_setting(model, exit_setting(args), "dtop export")
     size = export_size(model, cfg, args.size)
-    dense = args.dense or not isinstance(model, DToPSegmentor)
+    dense = args.dense or not isinstance(model, DToPSegmentor) or not model.can_exit()
     ext = "onnx" if args.format == "onnx" else "pt2"
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"model{'_dense' if dense else ''}.{ext}"
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the file to write (e.g. {out / ('model.' + ext)})")
+    if not args.dense and dense and isinstance(model, DToPSegmentor):
+        print("dtop export: note: no token can exit with this checkpoint's rule (p0 1: a dense-trained model), so the "
+              "plain model is exported; export DToP with --exit-ratio R [R ...]", file=sys.stderr)
     mean, std = normalisation(cfg)
     if args.format == "torch":
         save_program(model, out, size, args.batch, dense)

@@ -74,6 +74,8 @@ class Variant:
 def load_run(run_dir: Path) -> tuple[list[Variant], bool]:
     """The variants of an eval or compare output folder, dense first; and whether it is a comparison."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such folder (give a `dtop eval --out` or `dtop compare --out` folder)")
     if (run_dir / "compare.json").is_file():
         rows = json.loads((run_dir / "compare.json").read_text())["rows"]
         base, compare = run_dir / "eval", True
@@ -252,9 +254,9 @@ def build_report(run_dir: Path, out_dir: Optional[Path] = None, p0: Optional[flo
     figures down to at most this many pixels wide (small files, e.g. for a README gallery).
     ConfigError when ``run_dir`` holds no evaluation or no DToP variant at ``p0``."""
     run_dir = Path(run_dir)
+    variants, compare = load_run(run_dir)  # before anything is written: a wrong folder is not created
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    variants, compare = load_run(run_dir)
     dense = next((v for v in variants if v.method == "dense"), None)
     dtop = pick_dtop(variants, p0)
     alerts = exit_alerts(variants, dtop, p0)

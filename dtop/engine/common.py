@@ -42,7 +42,8 @@ def resolve_device(name: str, dist_info: Optional[DistInfo] = None) -> torch.dev
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name}: this machine has no CUDA GPU that torch can use "
-                              f"(torch.cuda.is_available() is False); use --device cpu (or auto)")
+                              f"(torch.cuda.is_available() is False); use cpu or auto (--device cpu, or --set train.device=cpu "
+                              f"where the device comes from the config)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                               f"cuda:0..cuda:{torch.cuda.device_count() - 1}")

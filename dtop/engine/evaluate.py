@@ -390,6 +390,10 @@ def _evaluate_variant(cfg: ExperimentConfig, model, dataset, device, name: str, 
         print(f"\n== {name}: done already ({out_dir / name / 'metrics.json'}, the same checkpoint and settings)")
     if verbose and main:
         print(f"\n== {name} ({metrics['num_images']} images)\n{class_table(metrics)}")
+    if main and name != "dense" and metrics.get("variant") == "dtop" and not sum(metrics["exit_fractions"][:-1]):
+        print(f"dtop eval: note: {name}: no token exited before the final stage, so it costs what dense does plus "
+              f"its auxiliary heads (a dense-trained checkpoint, or p0 too high for its heads): fine-tune with "
+              f"train.scheme=finetune, or try a lower --p0", file=sys.stderr)
     return metrics
 
 

@@ -16,9 +16,11 @@ lower index, the operator's specification), so :func:`_sort_stable` translates i
 """
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +76,23 @@ def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
     return values, indices
 
 
+@contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """Silence the ONNX graph optimiser's notes about constants it leaves unfolded (``Evaluation failed: ...``,
+    ``Skipped deduplication ...``: warnings of onnxscript / onnx_ir that do not affect the exported graph, whose
+    outputs the check compares with PyTorch's)."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript.optimizer._constant_folding",
+                                              "onnx_ir.passes.common.initializer_deduplication")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -101,7 +120,7 @@ def export_onnx(model: nn.Module, path: Path, size: Sequence[int], batch: int = 
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_optimizer():
             program = torch.onnx.export(graph, (x,), dynamo=True, input_names=["images"], output_names=outputs,
                                         custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},
                                         verbose=False)

@@ -202,6 +202,9 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """ConfigError when a new run would go into ``out_dir`` that already holds one (a checkpoint or a training
     log), naming ``--resume``, a new ``out_dir`` and ``--overwrite``; with ``overwrite`` the old log goes."""
     ckpt, log = out_dir / LAST, out_dir / LOG
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is an existing file, not a folder: name a folder for the run "
+                          f"(--set out_dir=...)")
     if resume or not (ckpt.is_file() or log.is_file()):
         return
     if overwrite:
@@ -243,6 +246,19 @@ def set_training_rule(model: nn.Module, tc) -> None:
         model.cfg.p0 = p0
 
 
+def _announce(cfg: ExperimentConfig, start_iter: int, resumed: bool, dist_info: DistInfo) -> None:
+    """What the main process says before the first iteration: where a resumed run goes on (its log trimmed to
+    the checkpoint's iterations) and, without a terminal (no progress bar), what the run will do."""
+    tc, out_dir = cfg.train, Path(cfg.out_dir)
+    if resumed:
+        print(f"resuming from iteration {start_iter} of {tc.iters} ({out_dir / LAST})"
+              + ("; nothing left to do (raise train.iters to train on)" if start_iter >= tc.iters else ""), flush=True)
+        trim_log(out_dir / LOG, start_iter)
+    if not progress_enabled(dist_info) and start_iter < tc.iters:
+        print(f"train {tc.scheme}: iterations {start_iter + 1}..{tc.iters}, batch {tc.batch_size}, a line every "
+              f"{tc.log_interval} iterations, checkpoints every {tc.ckpt_interval} in {out_dir}", flush=True)
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the path of the final checkpoint (``out_dir/last.pt``). On Ctrl-C (or SIGTERM
     under the CLI) it writes a checkpoint of the last completed iteration, then raises
@@ -264,9 +280,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     set_training_rule(model, tc)
     ckpt_path = out_dir / LAST
     start_iter, state = _start(model, cfg, ckpt_path, resume, dist_info)
-    if state is not None and dist_info.is_main:
-        print(f"resuming from iteration {start_iter} of {tc.iters} ({ckpt_path})", flush=True)
-        trim_log(out_dir / LOG, start_iter)
+    if dist_info.is_main:
+        _announce(cfg, start_iter, state is not None, dist_info)
     model.to(device).train()
     run = _Run.build(cfg, model, device, dist_info, state)
     run.saved = start_iter if state is not None else -1
