@@ -79,15 +79,16 @@ def test_predict_size_and_max_side(run, tmp_path, option, size):
 def test_predict_names_skipped_subfolders_and_searches_them_with_recursive(run, tmp_path, capsys):
     _, _, ckpt = run
     _png(tmp_path / "imgs" / "a.png", 64, 96)
-    _png(tmp_path / "imgs" / "nested" / "b.png", 64, 96, seed=1)
+    _png(tmp_path / "imgs" / "nested" / "a.png", 64, 96, seed=1)
     (tmp_path / "imgs" / "notes.txt").write_text("x")
     assert main(["predict", str(ckpt), str(tmp_path / "imgs"), "--out", str(tmp_path / "o1")]) == 0
     err = capsys.readouterr().err
     assert "skipped 1 subfolder(s) (add --recursive to search them)" in err and "nested" in err
     assert "1 file(s) that are not images" in err and "notes.txt" in err
     assert main(["predict", str(ckpt), str(tmp_path / "imgs"), "--out", str(tmp_path / "o2"), "--recursive"]) == 0
-    names = [Path(r["file"]).name for r in json.loads((tmp_path / "o2" / "predictions.json").read_text())["images"]]
-    assert names == ["a.png", "b.png"]
+    rows = json.loads((tmp_path / "o2" / "predictions.json").read_text())["images"]
+    assert [Path(r["file"]).relative_to(tmp_path / "imgs").as_posix() for r in rows] == ["a.png", "nested/a.png"]
+    assert [r["stem"] for r in rows] == ["a", "nested_a"]  # the same name in another folder keeps both
 
 
 def test_a_dense_checkpoint_says_that_no_token_can_exit(run, tmp_path, capsys):
@@ -250,5 +251,7 @@ def test_training_into_a_used_out_dir_refuses_and_resume_logs_each_iteration_onc
     assert main(["train", str(path), "--resume", "--set", "train.iters=4"]) == 0
     assert "resuming from iteration 2 of 4" in capsys.readouterr().out
     assert [json.loads(x)["iter"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    with pytest.warns(UserWarning, match=r"--resume with changed train settings \(lr 0.0008 -> 0.5\)"):
+        assert main(["train", str(path), "--resume", "--set", "train.iters=5", "--set", "train.lr=0.5"]) == 0
     assert main(["train", str(path), "--overwrite"]) == 0
     assert [json.loads(x)["iter"] for x in log.read_text().splitlines()] == [1, 2]

@@ -212,7 +212,7 @@ def predict_paths(checkpoint: str, inputs: Sequence[str], out_dir: Path, p0: Opt
                 errors.append({"file": str(path), "error": str(e)})
                 _warn(str(e))
                 continue
-            stem = path.stem
+            stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"  # same name, other folder
             while stem in used:
                 stem += "_"
             used.add(stem)

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -173,12 +174,24 @@ def _loader(dataset, cfg: ExperimentConfig, dist_info: DistInfo, device: torch.d
     return _batches(loader, sampler, epoch=start_iter)
 
 
+def _warn_changed_schedule(cfg: ExperimentConfig, state: dict) -> None:
+    """A warning naming the train settings a resumed run changes (other than its length and logging)."""
+    before = (state.get("config") or {}).get("train") or {}
+    now = cfg.to_dict()["train"]
+    free = {"iters", "log_interval", "ckpt_interval", "device"}
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and k not in free and before[k] != now[k]]
+    if changed:
+        warnings.warn(f"--resume with changed train settings ({'; '.join(changed)}): the run goes on with the new "
+                      f"ones from its checkpoint's iteration", UserWarning, stacklevel=3)
+
+
 def _start(model: nn.Module, cfg: ExperimentConfig, ckpt_path: Path, resume: bool,
            dist_info: DistInfo) -> tuple[int, Optional[dict[str, Any]]]:
     """Weights to start from: ``ckpt_path`` when resuming (returns its iteration and state), else
     ``train.init_checkpoint`` if set. CheckpointError when resuming without a checkpoint."""
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
+        _warn_changed_schedule(cfg, state)
         check_and_load(model, state["model"], source=str(ckpt_path), grids=recorded_grids(state))
         return int(state["iter"]), state
     if resume:

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from matplotlib.transforms import Bbox
 from PIL import Image
 
@@ -337,6 +338,9 @@ def sweep_figure(points: Sequence[dict[str, Any]]) -> Figure:
         ax.plot([p["gflops"]], [p["miou"]], "*" if dense else next(markers, "o"), markersize=11 if dense else 7,
                 color="black" if dense else None, label=p["label"], linestyle="none")
     ax.margins(0.12)
+    for axis in (ax.xaxis, ax.yaxis):  # at most 6 ticks, no offset notation: close values do not crowd
+        axis.set_major_locator(MaxNLocator(6))
+        axis.set_major_formatter(ScalarFormatter(useOffset=False))
     ax.set_xlim(ax.get_xlim())  # fix the limits before measuring
     ax.set_ylim(ax.get_ylim())
     labels = [ax.annotate(f"p0 {p['p0']:g}", (p["gflops"], p["miou"]), textcoords="offset points",
