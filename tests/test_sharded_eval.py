@@ -98,6 +98,14 @@ def test_partial_results_of_another_evaluation_are_not_reused(tmp_path):
     store.append(ImageResult(0, {"file": "x"}, [1.0], [[0, 4]]))
     store.close()
     assert list(PartialResults(folder, {"checkpoint": "a"}).load()) == [0]
+    with open(folder / "rank0.jsonl", "a") as f:
+        f.write('{"index": 1, "ro')  # a crash cut this line short
+    again = PartialResults(folder, {"checkpoint": "a"})
+    assert list(again.load()) == [0] and again.loaded_lines == 1
+    again.start(resumed=True)
+    again.append(ImageResult(2, {"file": "z"}, [1.0], []))
+    again.close()
+    assert sorted(PartialResults(folder, {"checkpoint": "a"}).load()) == [0, 2]  # the new line stands on its own
     with pytest.warns(UserWarning, match="starting afresh"):
         assert PartialResults(folder, {"checkpoint": "b"}).load() == {}
 

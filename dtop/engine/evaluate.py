@@ -165,15 +165,20 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
     store.start(resumed=bool(done))
     todo = [i for i in range(n) if i not in done][rank::size]
     bar = tqdm(total=n, initial=len(done), desc=desc, disable=not progress, unit="image")
+    before = store.loaded_lines if done else 0  # lines on disk before this run (resumed images, lines cut short)
+
+    def finished() -> int:  # images done by every rank, for rank 0's one progress bar
+        return len(done) + store.count() - before if size > 1 and partial else bar.n + 1
+
     mine: list[ImageResult] = []
     try:
         for i in todo:
             mine.append(_image_result(model, dataset, i, ecfg, device, dense))
             store.append(mine[-1])
-            bar.update(store.count() + len(done) - bar.n if size > 1 and partial else 1)
-        while size > 1 and partial and rank == 0 and len(done) + store.count() < n:  # the others' images
+            bar.update(finished() - bar.n)
+        while size > 1 and partial and rank == 0 and finished() < n:  # the others' images
             time.sleep(0.2)
-            bar.update(store.count() + len(done) - bar.n)
+            bar.update(finished() - bar.n)
     finally:
         bar.close()
         store.close()

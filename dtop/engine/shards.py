@@ -67,6 +67,7 @@ class PartialResults:
     def __init__(self, folder: Optional[Path], fingerprint: dict[str, Any], rank: int = 0) -> None:
         self.folder, self.fingerprint, self.rank = (Path(folder) if folder else None), fingerprint, rank
         self._file = None
+        self.loaded_lines = 0  # lines :meth:`load` found (a line cut short included): progress counts past them
 
     def load(self) -> dict[int, ImageResult]:
         """The results already on disk (every rank's), by image index; clears a folder whose fingerprint differs."""
@@ -82,6 +83,7 @@ class PartialResults:
                 warn_restart(self.folder)
             return {}
         done: dict[int, ImageResult] = {}
+        self.loaded_lines = self.count()
         for path in sorted(self.folder.glob("rank*.jsonl")):
             for line in path.read_text().splitlines():
                 try:
@@ -103,7 +105,11 @@ class PartialResults:
             self.folder.mkdir(parents=True)
             write_json(self.folder / "meta.json", self.fingerprint)
         barrier()
-        self._file = open(self.folder / f"rank{self.rank}.jsonl", "a")
+        path = self.folder / f"rank{self.rank}.jsonl"
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self._file = open(path, "a")
+        if cut:  # a line cut short by a crash: end it, so the next result starts a line of its own
+            self._file.write("\n")
 
     def append(self, result: ImageResult) -> None:
         """Keep one image's result (one line, flushed to disk before returning)."""
