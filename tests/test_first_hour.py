@@ -126,6 +126,11 @@ def test_common_mistakes_end_in_one_line(run, tmp_path, capsys):
         (["export", str(ckpt), "--out", str(tmp_path)], "is a folder; name the file"),
         (["train", str(cfg_path), "--set", f"out_dir={a_file}"], "is an existing file, not a folder"),
         (["report", str(tmp_path / "nowhere")], "no such folder"),
+        (["export", str(ckpt), "--out", str(a_file)], "--format onnx writes a .onnx file"),
+        (["calibrate", str(cfg_path), "--checkpoint", str(ckpt), "--target-reduction", "0.2", "--out", str(cfg_path)],
+         "is not a config dtop calibrate wrote"),
+        (["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "gpu"], "unknown device 'gpu'"),
+        (["train", str(cfg_path), "--device", "gpu", "--set", f"out_dir={tmp_path / 'new'}"], "unknown device 'gpu'"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -134,6 +139,7 @@ def test_common_mistakes_end_in_one_line(run, tmp_path, capsys):
         lines = [x for x in err.splitlines() if x.strip() and ": warning: " not in x]
         assert len(lines) == 1 and "Traceback" not in err and message in lines[0], (argv, err)
     assert Image.open(img).size == (96, 64)  # calibrate left the image alone
+    assert a_file.read_text() == "x" and yaml.safe_load(cfg_path.read_text())["data"]["name"] == "synthetic"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -495,7 +495,7 @@ def print_bench_table(result: dict[str, Any]) -> None:
           f"{result['dtype']}, {result['threads']} threads, allocator {result['allocator']}, linear {result['linear']}"
           f"{', compiled' if result['compiled'] else ''}")
     print(f"GFLOPs/image: dense {result['gflops_dense']}, DToP {result['gflops_dtop']} "
-          f"(ratio {result['flop_ratio']}); exit fractions {result['exit_fractions']}")
+          f"(ratio {result['flop_ratio']}); share of each image's tokens leaving early {result['exit_fractions']}")
     print(f"peak memory (mixed batch): dense {result['peak_mem_dense_mb']} MB")
     print(f"| layout | time ratio b1 [min, max of {result.get('repeats', '?')} repeats] | time ratio mixed [min, max] | "
           f"realised b1 | realised mixed | peak MB |")

@@ -6,6 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+import yaml
+
 from ..config import EXIT_MODES, load_config, save_config
 from ..engine.calibrate import calibrate, calibrated_config, mean_gflops, sample_images
 from ..engine.common import experiment_dataset, progress_enabled, resolve_device
@@ -13,7 +15,7 @@ from ..errors import ConfigError
 from ..jsonio import write_json
 from ..models import load_model
 from ..viz import percent
-from .common import App, add_set
+from .common import App, add_config_device, add_set, config_sets
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
@@ -33,22 +35,32 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--steps", type=int, default=12, help="bisection steps")
     sp.add_argument("--out", default=None,
                     help="the config to write (default: <checkpoint folder>/calibrated_<exit mode>.yaml)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an --out file that dtop calibrate did not write")
+    add_config_device(sp)
     add_set(sp)
 
 
-def check_config_out(out: Path) -> None:
+def check_config_out(out: Path, overwrite: bool = False) -> None:
     """ConfigError unless ``out`` can take the config calibrate writes: a ``.yaml``/``.yml`` name that is not a
-    folder (an existing YAML file is replaced)."""
+    folder, and not an existing config that calibrate did not write (``overwrite`` replaces it anyway)."""
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--out {out}: calibrate writes a YAML config; name a .yaml file")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name a .yaml file")
+    if out.is_file() and not overwrite:
+        try:
+            ours = ((yaml.safe_load(out.read_text()) or {}).get("eval") or {}).get("target_gflops") is not None
+        except (yaml.YAMLError, AttributeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"--out {out} exists and is not a config dtop calibrate wrote; name another file or "
+                              f"replace it with --overwrite")
 
 
 def run(args: argparse.Namespace) -> None:
     if args.out:
-        check_config_out(Path(args.out))
-    cfg = load_config(args.config, args.set)
+        check_config_out(Path(args.out), args.overwrite)
+    cfg = load_config(args.config, config_sets(args))
     if args.images < 1 or args.steps < 1:
         raise ConfigError(f"--images and --steps must be >= 1, got {args.images} and {args.steps}")
     if args.target_reduction is not None and not 0 < args.target_reduction < 1:
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     result = calibrate(model, images, cfg.eval, device, target, args.exit_mode, args.profile, args.steps,
                        progress=progress_enabled())
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"calibrated_{result.exit_mode}.yaml"
-    check_config_out(out)
+    check_config_out(out, args.overwrite)
     save_config(calibrated_config(cfg, result), out)
     write_json(out.with_suffix(".json"), {**result.as_dict(), "checkpoint": args.checkpoint})
     rule = f"p0 {result.p0:g}" if result.exit_mode == "threshold" else \

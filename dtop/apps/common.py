@@ -113,3 +113,14 @@ def note_no_exit(model, who: str) -> None:
         print(f"{who}: note: no token can exit early with this checkpoint's rule (p0 {model.cfg.p0}: a dense-trained "
               f"model), so every image costs the dense GFLOPs; prune with --p0 0.9 (or --exit-ratio R)",
               file=sys.stderr)
+
+
+def add_config_device(sp: argparse.ArgumentParser) -> None:
+    """``--device``: for commands whose device is the config's ``train.device`` (a shorthand for ``--set``)."""
+    sp.add_argument("--device", default=None,
+                    help="auto, cpu, cuda, cuda:N or mps (short for --set train.device=...; default: the config's)")
+
+
+def config_sets(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, with ``--device`` as ``train.device`` when given."""
+    return list(args.set) + ([f"train.device={args.device}"] if getattr(args, "device", None) else [])

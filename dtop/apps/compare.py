@@ -31,7 +31,8 @@ from ..errors import ConfigError, Interrupted, deferred_interrupts, unknown_name
 from ..jsonio import write_json
 from ..models import load_model
 from ..models.config import REDUCTIONS, ReductionSpec, check_p0, parse_reduction
-from .common import App, add_exit_options, add_set, check_out_folder, exit_setting
+from .common import (App, add_config_device, add_exit_options, add_set, check_out_folder, config_sets,
+                     exit_setting)
 
 TABLE1 = ("conv", "avgpool", "nearest", "shrunk")
 TABLE2 = ("expedite",)
@@ -208,6 +209,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--reduction", action="append", default=[], metavar="KIND[,key=value...]",
                     help="settings of an alternative, e.g. expedite,cluster_scale=0.5 (repeatable)")
     add_exit_options(sp)
+    add_config_device(sp)
     add_set(sp)
 
 
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
     check_out_folder(args.out)
     for p in args.p0 or []:
         check_p0(p, "--p0")  # before any fine-tuning or evaluation runs
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, config_sets(args))
     specs = {s.kind: s for s in (parse_reduction(r) for r in args.reduction)}
     budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)
     if budget is not None and args.exit_ratio is not None:  # fine-tune DToP under the rule it is evaluated with

@@ -9,7 +9,8 @@ from ..engine import run_evaluation, summary_table
 from ..engine.evaluate import eval_dir
 from ..engine.shards import world
 from ..models.config import check_p0, parse_reduction
-from .common import App, add_exit_options, add_set, check_out_folder, exit_setting
+from .common import (App, add_config_device, add_exit_options, add_set, check_out_folder, config_sets,
+                     exit_setting)
 from .report import build_report
 
 
@@ -27,6 +28,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--compile", action="store_true", help="torch.compile the blocks and heads (dynamic shapes)")
     sp.add_argument("--figures", action="store_true", help="also write the figures and report.html (dtop report)")
     add_exit_options(sp)
+    add_config_device(sp)
     add_set(sp)
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> None:
     check_out_folder(args.out)
     for p in args.p0 or []:
         check_p0(p, "--p0")  # before any evaluation runs
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, config_sets(args))
     budget = exit_setting(args, cfg.eval) if args.p0 is None else exit_setting(args)
     p0s = args.p0 if args.p0 is not None else cfg.eval.p0
     rows = run_evaluation(cfg, args.checkpoint, [] if budget is not None else p0s, with_dense=not args.no_dense,

@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"model{'_dense' if dense else ''}.{ext}"
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the file to write (e.g. {out / ('model.' + ext)})")
+    if out.suffix.lower() != f".{ext}":
+        raise ConfigError(f"--out {out}: --format {args.format} writes a .{ext} file; name one (an existing .{ext} "
+                          f"file is replaced)")
     if not args.dense and dense and isinstance(model, DToPSegmentor):
         print("dtop export: note: no token can exit with this checkpoint's rule (p0 1: a dense-trained model), so the "
               "plain model is exported; export DToP with --exit-ratio R [R ...]", file=sys.stderr)

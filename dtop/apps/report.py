@@ -145,7 +145,9 @@ def provenance(variants: list[Variant]) -> list[tuple[str, str]]:
     images, dtop version (the report's, and the evaluation's where it differs)."""
     ckpts: dict[str, list[str]] = {}
     for v in variants:
-        ckpts.setdefault(str(v.metrics.get("checkpoint") or "unknown"), []).append(v.name)
+        found = recorded_checkpoint(v)  # absolute: the path as typed at eval time may be relative to another folder
+        ckpts.setdefault(str(found.resolve()) if found else str(v.metrics.get("checkpoint") or "unknown"),
+                         []).append(v.name)
     rows = [("checkpoint", "; ".join(c if len(ckpts) == 1 else f"{c} ({', '.join(n)})" for c, n in ckpts.items()))]
     data = (variants[0].metrics.get("config") or {}).get("data") or {} if variants else {}
     root = f" at {data['root']}" if data.get("root") else ""
