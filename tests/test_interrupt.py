@@ -146,7 +146,8 @@ def test_interrupted_evaluation_keeps_whole_variants(tmp_path, checkpoint):
                                lambda: (out / "dense" / "metrics.json").is_file(), signal.SIGTERM, group=False)
     assert status == 143 and len(lines) == 1, lines
     m = re.match(r"dtop eval: interrupted by SIGTERM: evaluated (\d+) of 13 variants \(([^)]*)\), metrics in "
-                 r"(\S+)/<variant>/metrics.json; (\S+) not finished, summary.json not written; rerun: dtop eval ",
+                 r"(\S+)/<variant>/metrics.json; (\S+) not finished, summary.json not written"
+                 r"(; \d+ image\(s\) of \4 kept in \S+\.partial: the same command resumes)?; rerun: dtop eval ",
                  lines[0])
     assert m, lines[0]
     finished = m.group(2).split(", ")
