@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -51,7 +52,9 @@ def read_file(path: Union[str, Path]):
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # a zip-format torch file is memory-mapped: its tensors are read when used, so reading a checkpoint's
+        # config (predict, eval, export read it beside load_model) does not read its weights a second time
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which can run code "

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..config import EXIT_MODES, load_config, save_config
-from ..engine.calibrate import calibrate, calibrated_config, mean_gflops, sample_images
+from ..engine.calibrate import calibrate, calibrated_config, sample_images
 from ..engine.common import experiment_dataset, progress_enabled, resolve_device
 from ..errors import ConfigError
 from ..jsonio import write_json
@@ -69,12 +69,8 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, device).eval()
     dataset = experiment_dataset(cfg, args.split or cfg.data.train_split, train=False)
     images = sample_images(dataset, args.images)
-    target = args.target_gflops
-    if target is None:
-        dense, _ = mean_gflops(model, images, cfg.eval, device, dense=True)
-        target = dense * (1 - args.target_reduction)
-    result = calibrate(model, images, cfg.eval, device, target, args.exit_mode, args.profile, args.steps,
-                       progress=progress_enabled())
+    result = calibrate(model, images, cfg.eval, device, args.target_gflops, args.exit_mode, args.profile, args.steps,
+                       progress=progress_enabled(), reduction=args.target_reduction)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"calibrated_{result.exit_mode}.yaml"
     check_config_out(out, args.overwrite)
     save_config(calibrated_config(cfg, result), out)

@@ -89,15 +89,19 @@ def bisect(measure: Callable[[float], float], lo: float, hi: float, target: floa
 
 
 def calibrate(model: DToPSegmentor, images: Sequence[torch.Tensor], ecfg: EvalSection, device: torch.device,
-              target: float, exit_mode: str = "threshold", profile: Optional[Sequence[float]] = None,
-              steps: int = 12, progress: bool = False) -> Calibration:
-    """The exit rule of ``exit_mode`` whose mean GFLOPs on ``images`` is nearest ``target`` (GFLOPs per image).
+              target: Optional[float] = None, exit_mode: str = "threshold", profile: Optional[Sequence[float]] = None,
+              steps: int = 12, progress: bool = False, reduction: Optional[float] = None) -> Calibration:
+    """The exit rule of ``exit_mode`` whose mean GFLOPs on ``images`` is nearest ``target`` (GFLOPs per image),
+    or, with ``reduction`` instead, nearest ``(1 - reduction)`` times the dense model's GFLOPs on them.
     ``profile``: budget mode's share of exits per non-final stage (default: the threshold rule's at the
     target). ConfigError when the target is above the dense model's GFLOPs or not positive; a target below
     what the rule can reach gives the nearest reachable setting (``achieved`` says how near)."""
     if not isinstance(model, DToPSegmentor):
         raise ConfigError("calibration picks DToP's exit rule; this checkpoint is a token-reduction alternative")
     dense, _ = mean_gflops(model, images, ecfg, device, dense=True)
+    if (target is None) == (reduction is None):
+        raise ConfigError("calibrate needs a GFLOPs target or a reduction, one of them")
+    target = dense * (1 - reduction) if target is None else target
     if not 0 < target < dense:
         raise ConfigError(f"the GFLOPs target {target:.4g} must lie between 0 and the dense model's {dense:.4g} "
                           f"GFLOPs per image on these images")

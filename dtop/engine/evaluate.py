@@ -167,7 +167,7 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
     bar = tqdm(total=n, initial=len(done), desc=desc, disable=not progress, unit="image")
     before = store.loaded_lines if done else 0  # lines on disk before this run (resumed images, lines cut short)
 
-    def finished() -> int:  # images done by every rank, for rank 0's one progress bar
+    def images_done() -> int:  # images done by every rank, for rank 0's one progress bar
         return len(done) + store.count() - before if size > 1 and partial else bar.n + 1
 
     mine: list[ImageResult] = []
@@ -175,10 +175,10 @@ def evaluate(model, dataset, ecfg: EvalSection, device: torch.device, dense: boo
         for i in todo:
             mine.append(_image_result(model, dataset, i, ecfg, device, dense))
             store.append(mine[-1])
-            bar.update(finished() - bar.n)
-        while size > 1 and partial and rank == 0 and finished() < n:  # the others' images
+            bar.update(images_done() - bar.n)
+        while size > 1 and partial and rank == 0 and images_done() < n:  # the others' images
             time.sleep(0.2)
-            bar.update(finished() - bar.n)
+            bar.update(images_done() - bar.n)
     finally:
         bar.close()
         store.close()
