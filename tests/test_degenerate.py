@@ -165,6 +165,30 @@ def test_query_attention_padded_image_without_keys_equals_no_keys():
     torch.testing.assert_close(alone, attn.proj.bias.expand(1, 3, 8))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_atm_attention_equals_the_explicit_matmuls(padded):
+    """The fused path (one SDPA, head-averaged logits as one full-width matmul) equals the explicit per-head
+    matmuls that FLOP counters see: outputs, mask logits and gradients, with padding and an image without keys."""
+    torch.manual_seed(0)
+    head = ATMHead(16, 4, dim=16, num_layers=2)
+    x = torch.randn(3, 6, 16, requires_grad=True)
+    valid = torch.tensor([[True] * 6, [True, False, True, True, False, False], [False] * 6]) if padded else None
+    results = []
+    for fused in (True, False):
+        for m in head.modules():
+            if isinstance(m, QueryAttention):
+                m.fused_attn = fused
+        out = head(x, valid)
+        loss = out.logits.pow(2).sum() + out.presence.pow(2).sum()
+        grads = torch.autograd.grad(loss, [x, *head.parameters()])
+        results.append((out.logits, out.presence, grads))
+    (logits, presence, grads), (ref_logits, ref_presence, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(presence, ref_presence, atol=1e-5, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_atm_head_batch_with_an_empty_image_matches_each_image_alone():
     torch.manual_seed(0)
     head = ATMHead(16, 4, dim=16, num_layers=2).eval()

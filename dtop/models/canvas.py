@@ -59,7 +59,7 @@ class Canvas:
         in the head's own space, at token positions ``pos`` (B, L) where ``valid`` (B, L) (both None: every
         token in raster order, L = N); ``presence``
         (B, K, 2) for ATM heads. Returns the stage's view of the canvases (:class:`StageOutput`)."""
-        B, h, w = values.shape[0], *self.grid
+        B = values.shape[0]
         # while no token has left, this head decoded every token in raster order: its output is the canvas
         self.scores = write_tokens(self.scores, values, pos, valid, self.N) if self.exited else values
         if self.mixed and pos is None:  # every token, in raster order (the forward where nothing leaves)
@@ -72,9 +72,8 @@ class Canvas:
             self.coverage[kind] = self.coverage.get(kind, seen) | seen
             own, covered = self.native[kind], self.coverage[kind]
         else:  # one head kind: the canvas is in the heads' own space and covers every token
-            own, covered = self.scores, torch.ones(B, self.N, dtype=torch.bool, device=values.device)
-        return StageOutput(self.scores.reshape(B, -1, h, w), presence, own.reshape(B, -1, h, w),
-                           covered.reshape(B, h, w))
+            own, covered = self.scores, None
+        return StageOutput(self.scores, presence, own, covered, self.grid)
 
     @property
     def exit_stage(self) -> Tensor:

@@ -7,8 +7,9 @@ scores for each token it saw (``docs/method/canvas.md``). Heads are registered b
 - ``mask``: Segmenter's mask transformer.
 - ``linear``: LayerNorm + Linear per token.
 
-All matmuls are explicit (no fused kernels) in the ATM head so any FLOP counter sees them;
-the mask transformer uses timm ``Block``s whose fused attention can be switched off.
+The ATM head's attention is fused (``scaled_dot_product_attention``) like timm's and can be switched off
+(every matmul explicit, so any FLOP counter sees them: :func:`dtop.models.set_fused_attn`), as can the
+fused attention of the timm ``Block``s of the mask transformer.
 """
 from __future__ import annotations
 
@@ -52,14 +53,28 @@ def masked_softmax(logits: Tensor, key_valid: Optional[Tensor] = None) -> Tensor
     would be NaN (pytorch/pytorch#103749) in the forward and the gradients; here it never forms."""
     if key_valid is None:
         return logits.softmax(dim=-1)
-    has_key = key_valid.any(dim=1)  # (B,)
-    keys = key_valid | ~has_key[:, None]  # an image without keys: a finite softmax over its padding, zeroed below
-    weights = logits.masked_fill(~keys[:, None, None], float("-inf")).softmax(dim=-1)
-    return torch.where(has_key[:, None, None, None], weights, torch.zeros_like(weights))
+    keys, has_key = _keys(key_valid)
+    return logits.masked_fill(~keys, float("-inf")).softmax(dim=-1) * has_key
+
+
+def _keys(key_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """key_valid (B, n) bool -> the keys to attend (B, 1, 1, n), where an image without a valid key attends
+    to all its (padding) keys so that its softmax stays finite, and has_key (B, 1, 1, 1) bool, to zero
+    that image's output afterwards."""
+    B, n = key_valid.shape
+    has_key = key_valid.any(dim=1).view(B, 1, 1, 1)
+    return key_valid.view(B, 1, 1, n) | ~has_key, has_key
 
 
 class QueryAttention(nn.Module):
-    """Multi-head attention of queries over keys that also returns the pre-softmax logits averaged over heads."""
+    """Multi-head attention of queries over keys that also returns the pre-softmax logits averaged over heads
+    (SegViT's ``attn``, the mask logits of the ATM head).
+
+    ``fused_attn`` (default True, as timm's ``Attention``): the attention runs as one
+    ``scaled_dot_product_attention`` and the head-averaged logits as one batched matmul of the full-width
+    queries and keys (the heads split the channels, so the mean of the h per-head dot products is the
+    full dot product / h): few dispatched operations. False: every matmul explicit (what FLOP counters
+    such as fvcore see; :func:`dtop.models.set_fused_attn`). Both compute the same values."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -67,30 +82,43 @@ class QueryAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        self.fused_attn = True
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
     def queries(self, xq: Tensor) -> Tensor:
-        """The scaled, head-split query projection: xq (B, Q, d) -> (B, h, Q, d / h)."""
-        B, Q, d = xq.shape
-        return self.q(xq).reshape(B, Q, self.num_heads, d // self.num_heads).transpose(1, 2) * self.scale
+        """The query projection scaled by ``scale / num_heads``: xq (B, Q, d) -> (B, Q, d). With that scale the
+        full-width dot product with a key is the head-averaged attention logit."""
+        return self.q(xq) * (self.scale / self.num_heads)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """(B, n, d) -> (B, h, n, d / h), a view."""
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, xq: Tensor, xkv: Tensor, key_valid: Optional[Tensor] = None,
                 q: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """xq (B, Q, d), xkv (B, n, d), key_valid (B, n) bool or None -> out (B, Q, d), logits (B, Q, n).
 
         Keys where ``key_valid`` is False (padding) take no part in the softmax. ``q``: ``queries(xq)``
-        when the caller already has it (broadcastable over B)."""
+        when the caller already has it (batch 1 or B)."""
         B, Q, d = xq.shape
         h = self.num_heads
-        q = self.queries(xq) if q is None else q
-        k = self.k(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
-        v = self.v(xkv).reshape(B, -1, h, d // h).transpose(1, 2)
-        logits = q @ k.transpose(-2, -1)
-        out = (masked_softmax(logits, key_valid) @ v).transpose(1, 2).reshape(B, Q, d)
-        return self.proj(out), logits.mean(dim=1)
+        q = (self.queries(xq) if q is None else q).expand(B, -1, -1)
+        k, v = self.k(xkv), self.v(xkv)
+        if self.fused_attn:
+            logits = torch.bmm(q, k.transpose(1, 2))  # (B, Q, n): the mean over heads of the scaled logits
+            keys, has_key = _keys(key_valid) if key_valid is not None else (None, None)
+            # q carries scale / h: scale=h restores the per-head scale
+            out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=keys,
+                                                 scale=float(h))
+            out = out if has_key is None else out * has_key
+        else:
+            per_head = self._heads(q) @ self._heads(k).transpose(-2, -1)  # (B, h, Q, n), scaled by scale / h
+            logits = per_head.sum(dim=1)
+            out = masked_softmax(per_head * h, key_valid) @ self._heads(v)
+        return self.proj(out.transpose(1, 2).reshape(B, Q, d)), logits
 
 
 class ATMDecoderLayer(nn.Module):
@@ -108,7 +136,7 @@ class ATMDecoderLayer(nn.Module):
 
     def query_side(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """What this layer computes from its queries alone: q (B, Q, d) -> the queries after self-attention
-        (B, Q, d) and their cross-attention projection (B, h, Q, d / h)."""
+        (B, Q, d) and their cross-attention projection (B, Q, d) (:meth:`QueryAttention.queries`)."""
         q = self.norm1(q + self.self_attn(q, q)[0])
         return q, self.cross_attn.queries(q)
 
@@ -147,7 +175,7 @@ class ATMHead(nn.Module):
 
     def first_query_side(self) -> tuple[Tensor, Tensor]:
         """The first layer's query side (:meth:`ATMDecoderLayer.query_side` of the learned queries, (1, K, d)
-        and (1, h, K, d / h)): it depends on the weights only, so inference (no autograd, not traced or
+        and (1, K, d)): it depends on the weights only, so inference (no autograd, not traced or
         compiled) computes it once per weight version, dtype and autocast state and reuses it; that saves
         about 50 dispatched operations per head and forward. The GFLOPs count keeps it (the paper's count,
         ``dtop.flops.atm_head_flops``; 4Kd^2 + 2K^2d + Kd^2 per head, about 0.1 GFLOPs at K 150, d 384)."""

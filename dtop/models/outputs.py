@@ -9,28 +9,59 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-@dataclass
+@dataclass(init=False)
 class StageOutput:
     """The canvases after one stage head wrote to them (``docs/method/canvas.md``).
 
-    canvas: (B, K, h, w) in the model's score space: the assembly so far when autograd is on (training);
-        under ``torch.no_grad`` the canvas is written in place and every stage shows the final assembly.
+    canvas: (B, K, h, w) in the model's score space: the assembly after this stage (earlier stages keep
+        their own snapshot: the canvas is written out of place).
     presence: (B, K, 2) presence logits for ATM heads, else None.
     logits: (B, K, h, w) the canvas in this head's own space (ATM mask logits or class logits), for
         its loss: tokens this head decoded hold its values, tokens that left at an earlier stage hold
         the values of the latest earlier head of the same kind (ATM or not).
     valid: (B, h, w) bool, tokens where ``logits`` is defined (all True unless head kinds are mixed
         and some tokens left at a head of the other kind).
+
+    Built from the (B, K, h, w) maps, or (``grid`` given) from token-ordered (B, K, N) canvases and a (B, N)
+    ``valid`` (None: all True), which are shaped into maps only when read: a forward that never reads a
+    stage (inference) dispatches no operation for it. A dataclass, so that DistributedDataParallel finds
+    the tensors it holds.
     """
 
-    canvas: Tensor
+    raw_canvas: Tensor
     presence: Optional[Tensor]
-    logits: Tensor
-    valid: Tensor
+    raw_logits: Tensor
+    raw_valid: Optional[Tensor]
+    grid: Optional[tuple[int, int]] = None
+
+    def __init__(self, canvas: Tensor, presence: Optional[Tensor], logits: Tensor, valid: Optional[Tensor],
+                 grid: Optional[tuple[int, int]] = None) -> None:
+        if valid is None and grid is None:
+            raise ValueError("StageOutput: valid=None (all True) needs the token grid")
+        self.raw_canvas, self.presence, self.raw_logits, self.raw_valid, self.grid = canvas, presence, logits, valid, grid
+
+    def _map(self, t: Tensor) -> Tensor:
+        return t if self.grid is None else t.reshape(t.shape[0], -1, *self.grid)
+
+    @property
+    def canvas(self) -> Tensor:
+        return self._map(self.raw_canvas)
+
+    @property
+    def logits(self) -> Tensor:
+        return self._map(self.raw_logits)
+
+    @property
+    def valid(self) -> Tensor:
+        if self.raw_valid is None:
+            B, h, w = self.raw_canvas.shape[0], *self.grid
+            return torch.ones(B, h, w, dtype=torch.bool, device=self.raw_canvas.device)
+        return self.raw_valid if self.grid is None else self.raw_valid.reshape(-1, *self.grid)
 
 
 @dataclass

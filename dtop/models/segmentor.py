@@ -286,7 +286,7 @@ class DToPSegmentor(Segmentor):
         tokens = PaddedTokens.full(x, self.backbone.prefix_in_blocks, grid[0] * grid[1])
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=x.device)
         per_block: list[Tensor] = []  # each block's token counts, on the device (one tensor per layout)
-        head_tokens = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        decoded: dict[int, Tensor] = {}  # stage -> (B,) tokens its head decoded
         stages = []
         for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
             tokens.run(blk)
@@ -295,7 +295,7 @@ class DToPSegmentor(Segmentor):
             if stage is None or self.idle(stage):
                 continue
             out, pos, valid = tokens.decode(partial(self.decode, stage))
-            head_tokens[:, stage] = valid.sum(1)
+            decoded[stage] = valid.sum(1)
             stages.append(canvas.write(self.to_space(out), out.logits, out.presence, pos, valid))
             exact = (self.exact_budget() and self.layout != "per_image" and isinstance(tokens, PaddedTokens)
                      and tokens.valid is None)
@@ -310,6 +310,7 @@ class DToPSegmentor(Segmentor):
                     tokens = drop_exits(tokens, exits, layout, self.bucket)
         del tokens, out, x  # free the token features before the full-resolution upsampling (peak memory)
         tokens_per_block = F.pad(torch.stack(per_block, 1), (0, depth - len(per_block)))
+        head_tokens = torch.stack([decoded[s] if s in decoded else decoded[S - 1] * 0 for s in range(S)], 1)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return SegmentationOutput(
             scores=self.finalise(canvas.scores, stages[-1].presence, grid, size),

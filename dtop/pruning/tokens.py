@@ -46,22 +46,18 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Opti
         easy = easy & valid
     if k <= 0 or conf.numel() == 0:
         return easy
-    B, N = conf.shape
     num_groups = (num_classes if num_classes is not None else int(label.max()) + 1) + 1  # classes + "not easy"
-    group = torch.where(easy, label, torch.full_like(label, num_groups - 1))
+    hard = ~easy
+    group = label.masked_fill(hard, num_groups - 1)
     # Sort by confidence (descending), then stably by group: tokens end up grouped
     # by class, most confident first inside each group.
-    by_conf = torch.argsort(torch.where(easy, conf, conf.new_full((), -1.0)), dim=1, descending=True, stable=True)
-    by_group = torch.argsort(group.gather(1, by_conf), dim=1, stable=True)
+    by_conf = torch.argsort(conf.masked_fill(hard, -1.0), dim=1, descending=True, stable=True)
+    sorted_group, by_group = torch.sort(group.gather(1, by_conf), dim=1, stable=True)
     order = by_conf.gather(1, by_group)
-    sorted_group = group.gather(1, order)
-    counts = torch.zeros(B, num_groups, dtype=torch.long, device=conf.device)
-    counts.scatter_add_(1, group, torch.ones_like(group))
-    starts = counts.cumsum(1) - counts
-    rank = torch.arange(N, device=conf.device).expand(B, N) - starts.gather(1, sorted_group)
-    stays_sorted = (rank < k) & (sorted_group < num_groups - 1)
-    stays = torch.zeros_like(easy).scatter(1, order, stays_sorted)
-    return easy & ~stays
+    # a token is among the k most confident of its group unless the token k places before it is of its group
+    before = F.pad(sorted_group, (k, 0), value=-1)[:, : sorted_group.shape[1]]
+    exits_sorted = (before == sorted_group) & (sorted_group < num_groups - 1)
+    return torch.zeros_like(easy).scatter(1, order, exits_sorted)
 
 
 def select_budget(conf: Tensor, label: Tensor, count: int, k: int = 5, valid: Optional[Tensor] = None,
