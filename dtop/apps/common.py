@@ -33,7 +33,7 @@ def add_allocator(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--allocator", choices=["keep", "system"], default="keep",
                     help="keep: glibc keeps freed memory for the next forward instead of returning it to the OS "
                          "and faulting it in again (faster on Linux CPUs; resident memory stays at its peak); "
-                         "system: the C library's defaults")
+                         "system: the C library's defaults (always with bench --count-ops, which times nothing)")
 
 
 def set_allocator(args: argparse.Namespace) -> bool:
