@@ -202,8 +202,8 @@ def test_atm_head_batch_with_an_empty_image_matches_each_image_alone():
 
 
 def test_packed_attention_leaves_out_images_without_tokens():
-    img, slot = torch.tensor([0, 0, 0, 2, 2]), torch.tensor([0, 1, 2, 0, 1])
-    t = PackedTokens(torch.randn(5, 8), img, slot, torch.tensor([0, 1, 2, 0, 1]), [3, 0, 2], 0, 6)
+    flat = torch.tensor([0, 1, 2, 6, 7])  # image 0: slots 0-2, image 1: none, image 2: slots 0-1 (width 3)
+    t = PackedTokens(torch.randn(5, 8), flat, torch.tensor([[0, 1, 2], [6, 6, 6], [0, 1, 6]]), [3, 0, 2], 0, 6)
     assert t._cu.tolist() == [0, 3, 5]
 
 

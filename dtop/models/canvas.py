@@ -85,7 +85,7 @@ class Canvas:
 
     def mark_exits(self, stage: int, exits: Tensor, pos: Tensor) -> None:
         """Tokens at positions ``pos`` (B, L) where ``exits`` (B, L) left at ``stage``."""
-        self.exit_stage.scatter_(1, pos, torch.where(exits, stage, self.exit_stage.gather(1, pos)))
+        self.exit_stage.scatter_(1, pos.masked_fill(~exits, self.N), stage)  # the others to the padding column
         self.exited = True
 
     def exit_map(self) -> Tensor:

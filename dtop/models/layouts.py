@@ -16,6 +16,7 @@ token counts, GFLOPs, gradients). ``P`` prefix tokens (CLS, registers: ``segment
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
@@ -220,42 +221,49 @@ class PerImageTokens:
 class PackedTokens:
     """All kept tokens of the batch in one (T, C) tensor, image after image (each image's prefix tokens first).
 
-    Every row carries its image ``img`` (T,), its ``slot`` (T,) within the image (prefix tokens first) and its
-    token position ``pos`` (T,) (prefix rows: ``N``); ``lengths`` (B host ints) per image, prefix included.
-    Built so that a GPU pays a fixed number of launches whatever the batch: per-token layers are one matmul
-    over T, attention is one registered operator (:func:`dtop.models.blocks.varlen_attention`), heads decode
-    all images at once from one scatter, and :meth:`prune` makes the layout's one host sync per exit stage
-    (the kept counts, to size the kept tensors)."""
+    ``flat`` (T,) holds each row's place ``b * W + s`` in the (B, W) grid its image's tokens are padded to for
+    the heads (``W`` the longest image, prefix included: slot ``s`` counts the image's rows in order), ``pos``
+    (B, W - P) the token position of each patch column of that grid (padding = ``N``), ``lengths`` (B host
+    ints) the rows per image, prefix included. Built so that a GPU pays a fixed number of launches whatever
+    the batch: per-token layers are one matmul over T, attention is one registered operator
+    (:func:`dtop.models.blocks.varlen_attention`), heads decode all images at once from one scatter into the
+    grid, and :meth:`prune` gathers the kept rows straight from that grid with the layout's one host sync
+    per exit stage (the kept counts, to size the kept tensors)."""
 
-    def __init__(self, x: Tensor, img: Tensor, slot: Tensor, pos: Tensor, lengths: list[int], P: int,
-                 N: int) -> None:
-        self.x, self.img, self.slot, self.pos, self.lengths, self.P, self.N = x, img, slot, pos, lengths, P, N
+    def __init__(self, x: Tensor, flat: Tensor, pos: Tensor, lengths: list[int], P: int, N: int,
+                 counts: Optional[Tensor] = None) -> None:
+        self.x, self.flat, self.pos, self.lengths, self.P, self.N = x, flat, pos, lengths, P, N
         dev = x.device
-        self._counts = torch.tensor(lengths, device=dev)
-        self._cu = F.pad(torch.tensor([n for n in lengths if n], device=dev).cumsum(0), (1, 0))
+        self._counts = torch.tensor(lengths, device=dev) if counts is None else counts
+        self._cu = torch.tensor(list(accumulate([n for n in lengths if n], initial=0)), device=dev)
+        self._grid: Optional[Tensor] = None  # (B, W, C): the rows of the last decode
+        self._valid: Optional[Tensor] = None  # (B, W - P) bool: its real patch columns
 
     @classmethod
-    def from_padded(cls, t: PaddedTokens) -> "PackedTokens":
-        """Pack a padded batch: the rows of ``t.x`` (B, P + L, C) that are prefix tokens or valid."""
-        B, W, C = t.x.shape
-        dev = t.x.device
-        img = torch.arange(B, device=dev).repeat_interleave(W, output_size=B * W)
-        slot = torch.arange(W, device=dev).repeat(B)
-        pos = torch.cat([torch.full((B, t.P), t.N, device=dev, dtype=t.pos.dtype), t.pos], dim=1).reshape(-1)
-        packed = cls(t.x.reshape(B * W, C), img, slot, pos, [W] * B, t.P, t.N)
-        if t.valid is None:
-            return packed
-        return packed._keep_rows(torch.cat([t.valid.new_ones(B, t.P), t.valid], dim=1).reshape(-1))
-
-    def _keep_rows(self, keep: Tensor) -> "PackedTokens":
-        """The rows where ``keep`` (T,) bool, in their order; one host sync (the per-image counts)."""
-        B = len(self.lengths)
-        counts = torch.zeros(B, dtype=torch.long, device=keep.device).index_add_(0, self.img, keep.long())
+    def from_grid(cls, grid: Tensor, keep: Tensor, pos: Tensor, P: int, N: int) -> "PackedTokens":
+        """The rows of ``grid`` (B, W, C) where ``keep`` (B, W) bool (prefix columns included), packed in
+        order; ``pos`` (B, W - P) the token positions of the patch columns. One host sync (the counts)."""
+        B, W, C = grid.shape
+        counts = keep.sum(1)
         lengths = counts.tolist()
-        order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(lengths)]
-        img = self.img[order]
-        slot = torch.arange(len(order), device=keep.device) - (counts.cumsum(0) - counts)[img]
-        return PackedTokens(self.x[order], img, slot, self.pos[order], lengths, self.P, self.N)
+        width = max(lengths, default=0)
+        src = torch.argsort((~keep).reshape(-1).to(torch.int8), stable=True)[: sum(lengths)]  # kept, in order
+        slot = keep.cumsum(1) - 1  # each kept column's slot in its image
+        flat = src // W * width + slot.reshape(-1).index_select(0, src)
+        pos = F.pad(pos, (P, 0), value=N) if P else pos
+        new_pos = torch.full((B * width,), N, dtype=pos.dtype, device=pos.device)
+        new_pos = new_pos.index_copy_(0, flat, pos.reshape(-1).index_select(0, src)).view(B, width)[:, P:]
+        return cls(grid.reshape(B * W, C).index_select(0, src), flat, new_pos, lengths, P, N, counts)
+
+    @classmethod
+    def from_padded(cls, t: PaddedTokens, keep: Optional[Tensor] = None) -> "PackedTokens":
+        """Pack a padded batch: the rows of ``t.x`` (B, P + L, C) that are prefix tokens or valid and, when
+        ``keep`` (B, L) bool is given, kept (the first exit packs only the tokens that stay)."""
+        if keep is None:
+            keep = t.valid if t.valid is not None else torch.ones_like(t.pos, dtype=torch.bool)
+        elif t.valid is not None:
+            keep = keep & t.valid
+        return cls.from_grid(t.x, F.pad(keep, (t.P, 0), value=True) if t.P else keep, t.pos, t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
         if self.x.shape[0]:
@@ -266,25 +274,24 @@ class PackedTokens:
         return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
-        B, W = len(self.lengths), max(self.lengths)
-        rows = self.x.new_zeros(B, W, self.x.shape[1]).index_put((self.img, self.slot), self.x)
-        pos = torch.full((B, W), self.N, dtype=self.pos.dtype, device=self.x.device)
-        pos = pos.index_put_((self.img, self.slot), self.pos)[:, self.P:]
-        valid = pos < self.N
-        return head(rows[:, self.P:], valid), pos, valid
+        B, W, C = len(self.lengths), max(self.lengths, default=0), self.x.shape[1]
+        self._grid = self.x.new_zeros(B * W, C).index_copy(0, self.flat, self.x).view(B, W, C)
+        self._valid = self.pos < self.N
+        return head(self._grid[:, self.P:], self._valid), self.pos, self._valid
 
     def prune(self, keep: Tensor) -> "PackedTokens":
-        col = (self.slot - self.P).clamp_min(0)
-        keep = F.pad(keep, (0, 1))  # a column for the prefix rows' index (and for images with none in play)
-        return self._keep_rows(torch.where(self.slot < self.P, True, keep[self.img, col]))
+        """The tokens where ``keep`` (B, W - P) (the columns of the last :meth:`decode`) and the prefix rows."""
+        keep = keep & self._valid
+        keep = F.pad(keep, (self.P, 0), value=True) if self.P else keep
+        return PackedTokens.from_grid(self._grid, keep, self.pos, self.P, self.N)
 
 
 def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = False) -> TokenLayout:
     """The tokens in play after the ones where ``exits`` (B, L) (the columns of the last ``decode``) left, in
-    layout ``layout``. The first exit packs the full batch before pruning it (one host sync, in ``prune``);
-    the other layouts prune the padded batch and then convert it."""
+    layout ``layout``. The first exit packs the kept tokens of the padded batch (one host sync); the other
+    layouts prune the padded batch and then convert it."""
     if layout == "packed":
-        return to_layout(tokens, layout).prune(~exits)
+        return tokens.prune(~exits) if isinstance(tokens, PackedTokens) else PackedTokens.from_padded(tokens, ~exits)
     return to_layout(tokens.prune(~exits), layout, bucket)
 
 
