@@ -61,7 +61,7 @@ def _ms(results: dict, label: str, side: str) -> str:
 
 
 def _f(v) -> str:
-    return "n/a" if v != v else f"{v:.2f}"  # NaN when nothing exits (no FLOP saving to realise)
+    return "n/a" if v is None or v != v else f"{v:.2f}"  # NaN or null when nothing exits (nothing to realise)
 
 
 def main() -> None:
