@@ -32,7 +32,9 @@ def bench(args: list[str]) -> tuple[str, dict]:
     print("+", shlex.join(cmd), flush=True)
     out = subprocess.run([sys.executable, "-m", "dtop", *cmd[1:]], check=True, cwd=ROOT, capture_output=True,
                          text=True).stdout
-    return shlex.join(cmd), json.loads(out.strip().splitlines()[-1])
+    line = out.strip().splitlines()[-1]
+    print(line, flush=True)  # each bench's result in the log as it comes: a later failure loses nothing
+    return shlex.join(cmd), json.loads(line)
 
 
 def rows(cmd: str, r: dict, label: str) -> list[str]:
