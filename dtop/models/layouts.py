@@ -241,9 +241,10 @@ class PackedTokens:
 
     @classmethod
     def from_grid(cls, grid: Tensor, keep: Tensor, pos: Tensor, P: int, N: int) -> "PackedTokens":
-        """The rows of ``grid`` (B, W, C) where ``keep`` (B, W) bool (prefix columns included), packed in
+        """The prefix rows of ``grid`` (B, W, C) and its patch rows where ``keep`` (B, W - P) bool, packed in
         order; ``pos`` (B, W - P) the token positions of the patch columns. One host sync (the counts)."""
         B, W, C = grid.shape
+        keep = F.pad(keep, (P, 0), value=True) if P else keep
         counts = keep.sum(1)
         lengths = counts.tolist()
         width = max(lengths, default=0)
@@ -263,7 +264,7 @@ class PackedTokens:
             keep = t.valid if t.valid is not None else torch.ones_like(t.pos, dtype=torch.bool)
         elif t.valid is not None:
             keep = keep & t.valid
-        return cls.from_grid(t.x, F.pad(keep, (t.P, 0), value=True) if t.P else keep, t.pos, t.P, t.N)
+        return cls.from_grid(t.x, keep, t.pos, t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
         if self.x.shape[0]:
@@ -281,9 +282,7 @@ class PackedTokens:
 
     def prune(self, keep: Tensor) -> "PackedTokens":
         """The tokens where ``keep`` (B, W - P) (the columns of the last :meth:`decode`) and the prefix rows."""
-        keep = keep & self._valid
-        keep = F.pad(keep, (self.P, 0), value=True) if self.P else keep
-        return PackedTokens.from_grid(self._grid, keep, self.pos, self.P, self.N)
+        return PackedTokens.from_grid(self._grid, keep & self._valid, self.pos, self.P, self.N)
 
 
 def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = False) -> TokenLayout:
