@@ -17,37 +17,44 @@ def test_first_write_is_the_whole_canvas_later_writes_only_their_tokens():
     c = _canvas()
     first = torch.arange(2 * 4 * 6, dtype=torch.float).reshape(2, 4, 6)
     pos = torch.arange(6).expand(2, 6)
-    st = c.write(first, first, None, pos, torch.ones(2, 6, dtype=torch.bool))
+    st = c.write(0, first, first, None, pos, torch.ones(2, 6, dtype=torch.bool))
     assert torch.equal(st.canvas, first.reshape(2, 4, 2, 3)) and st.valid.all()
-    exits = torch.tensor([[True, False, True, False, False, False], [False] * 6])
-    c.mark_exits(0, exits, pos)
+    c.tokens_left()  # image 0's tokens 0 and 2 left at stage 0
     # image 0 keeps tokens 1, 3, 4, 5; image 1 keeps all six; padding column = N = 6
     pos2 = torch.tensor([[1, 3, 4, 5, 6, 6], [0, 1, 2, 3, 4, 5]])
     valid2 = pos2 < 6
     second = torch.full((2, 4, 6), -1.0)
     with torch.no_grad():
-        st2 = c.write(second, second, None, pos2, valid2)
+        st2 = c.write(2, second, second, None, pos2, valid2)
     expected = first.clone()
     expected[0][:, [1, 3, 4, 5]] = -1.0
     expected[1] = -1.0
     assert torch.equal(st2.canvas.flatten(2), expected)
+    assert torch.equal(st.canvas, first.reshape(2, 4, 2, 3))  # the stage-0 snapshot kept its values
     assert c.exit_map().tolist() == [[[0, 2, 0], [2, 2, 2]], [[2, 2, 2], [2, 2, 2]]]
 
 
-def test_padding_positions_never_change_the_exit_map():
+def test_exit_map_is_the_last_stage_that_decoded_each_token_padding_never_counts():
     c = _canvas(B=1, grid=(1, 4))
-    pos = torch.tensor([[2, 4, 4]])  # two padding columns point at the sink N = 4
-    c.mark_exits(1, torch.tensor([[True, True, True]]), pos)
-    assert c.exit_map().tolist() == [[[2, 2, 1, 2]]]
+    assert c.exit_map().tolist() == [[[2, 2, 2, 2]]]  # nothing written yet: the final stage
+    c.write(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), None, None, None)
+    assert c.exit_map().tolist() == [[[0, 0, 0, 0]]]
+    c.tokens_left()
+    pos = torch.tensor([[1, 3, 4, 4]])  # two padding columns point at the sink N = 4
+    c.write(1, torch.ones(1, 2, 4), torch.ones(1, 2, 4), None, pos, pos < 4)
+    assert c.exit_map().tolist() == [[[0, 1, 0, 1]]]
+    c.write(2, torch.ones(1, 2, 1), torch.ones(1, 2, 1), None, torch.tensor([[3]]), torch.tensor([[True]]))
+    assert c.exit_map().tolist() == [[[0, 1, 0, 2]]]
+    assert c.scores.shape == (1, 2, 4)  # the sink column is never part of the canvas
 
 
 def test_mixed_heads_keep_a_canvas_and_coverage_per_head_kind():
     c = _canvas(mixed=True, B=1, grid=(1, 3))
     pos, valid = torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool)
-    atm = c.write(torch.full((1, 2, 3), 0.5), torch.full((1, 2, 3), 7.0), torch.zeros(1, 2, 2), pos, valid)
+    atm = c.write(0, torch.full((1, 2, 3), 0.5), torch.full((1, 2, 3), 7.0), torch.zeros(1, 2, 2), pos, valid)
     assert atm.valid.all() and (atm.logits == 7).all()
-    c.mark_exits(0, torch.tensor([[True, False, False]]), pos)
-    lin = c.write(torch.full((1, 2, 2), 0.9), torch.full((1, 2, 2), 3.0), None, torch.tensor([[1, 2]]),
+    c.tokens_left()  # token 0 left
+    lin = c.write(1, torch.full((1, 2, 2), 0.9), torch.full((1, 2, 2), 3.0), None, torch.tensor([[1, 2]]),
                   torch.ones(1, 2, dtype=torch.bool))
     assert lin.valid.tolist() == [[[False, True, True]]]  # the linear kind never saw token 0
     assert lin.logits[0, :, 0, 1:].eq(3).all() and lin.canvas[0, :, 0, 0].eq(0.5).all()

@@ -10,6 +10,7 @@ import torch
 
 from conftest import CLS_MODES, DINOV2_TINY, HEAD_SETS, gflops, images, tiny_model
 from dtop.engine.losses import segmentation_loss
+from dtop.models.blocks import varlen_attention
 from dtop.models.heads import ATMHead, HeadOutput, QueryAttention, masked_softmax
 from dtop.models.layouts import PackedTokens
 
@@ -202,9 +203,16 @@ def test_atm_head_batch_with_an_empty_image_matches_each_image_alone():
 
 
 def test_packed_attention_leaves_out_images_without_tokens():
+    """An image without rows is an empty sequence (a repeated offset): the other images attend as alone."""
+    torch.manual_seed(0)
     flat = torch.tensor([0, 1, 2, 6, 7])  # image 0: slots 0-2, image 1: none, image 2: slots 0-1 (width 3)
     t = PackedTokens(torch.randn(5, 8), flat, torch.tensor([[0, 1, 2], [6, 6, 6], [0, 1, 6]]), [3, 0, 2], 0, 6)
-    assert t._cu.tolist() == [0, 3, 5]
+    assert t._cu.tolist() == [0, 3, 3, 5]
+    qkv = torch.randn(5, 3 * 8)
+    with torch.no_grad():
+        out = varlen_attention(qkv, t._cu, 3, 2)
+        for s, e in ((0, 3), (3, 5)):
+            torch.testing.assert_close(out[s:e], varlen_attention(qkv[s:e], torch.tensor([0, e - s]), e - s, 2))
 
 
 def test_atm_stages_after_a_linear_head_with_an_empty_image_train_finite():

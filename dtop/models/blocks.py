@@ -23,7 +23,7 @@ Grid = tuple[int, int]
 
 
 def _attention_per_sequence(q: Tensor, k: Tensor, v: Tensor, cu: Tensor) -> Tensor:
-    """(T, H, D) packed q/k/v -> (T, H, D), attention within each sequence of ``cu``."""
+    """(T, H, D) packed q/k/v -> (T, H, D), attention within each sequence of ``cu`` (empty ones skipped)."""
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -42,37 +42,50 @@ def varlen_kernel_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """torch's variable-length kernel on CUDA in fp16/bf16, one SDPA call per sequence elsewhere."""
+def _varlen(qkv: Tensor, cu: Tensor, max_len: int, num_heads: int) -> Tensor:
+    """qkv (T, 3 * C) -> (T, C): torch's variable-length kernel on CUDA in fp16/bf16, one SDPA call per sequence
+    elsewhere (which reads ``cu`` on the host: on CUDA in fp32 that is a host sync per call)."""
+    T = qkv.shape[0]
+    q, k, v = qkv.view(T, 3, num_heads, -1).unbind(1)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_available():
         from torch.nn.attention.varlen import varlen_attn
 
         cu32 = cu.to(torch.int32)
-        return varlen_attn(q, k, v, cu32, cu32, max_len, max_len)
-    return _attention_per_sequence(q, k, v, cu)
+        return varlen_attn(q, k, v, cu32, cu32, max_len, max_len).reshape(T, -1)
+    return _attention_per_sequence(q, k, v, cu).reshape(T, -1)
 
 
 @torch.library.custom_op("dtop::varlen_attention", mutates_args=())
-def _varlen_op(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """The packed attention as one registered operator: one dispatched op (one launch on CUDA, where it is
-    torch's variable-length kernel in fp16/bf16), one opaque node with a fake implementation for
-    torch.compile. Elsewhere its body loops over the sequences (the fastest measured on CPU)."""
-    return _varlen(q, k, v, cu, max_len)
+def _varlen_op(qkv: Tensor, cu: Tensor, max_len: int, num_heads: int) -> Tensor:
+    """The packed attention as one registered operator, taking the fused qkv projection as flash-attention's
+    ``qkvpacked`` variant does: one dispatched op (one launch on CUDA, where it is torch's variable-length
+    kernel in fp16/bf16), one opaque node with a fake implementation for torch.compile. Elsewhere its body
+    loops over the sequences (the fastest measured on CPU)."""
+    return _varlen(qkv, cu, max_len, num_heads)
 
 
 @_varlen_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    return torch.empty_like(q)
+def _(qkv: Tensor, cu: Tensor, max_len: int, num_heads: int) -> Tensor:
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """Attention within each of the packed sequences (T, H, D) delimited by the cumulative lengths ``cu``
-    (S + 1,): the registered operator ``dtop::varlen_attention`` for inference; with autograd on (training),
-    the same computation as differentiable torch calls (one SDPA call per sequence, or torch's
-    variable-length kernel on CUDA in fp16/bf16)."""
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _varlen_op(q, k, v, cu, max_len)
-    return _varlen(q, k, v, cu, max_len)
+def varlen_attention(qkv: Tensor, cu: Tensor, max_len: int, num_heads: int) -> Tensor:
+    """Attention within each of the packed sequences delimited by the cumulative lengths ``cu`` (S + 1,) long
+    (an empty sequence repeats an offset), ``max_len`` the longest: qkv (T, 3 * C), the fused projection
+    ``[q | k | v]`` with ``num_heads`` heads each -> (T, C). The registered operator ``dtop::varlen_attention``
+    for inference; with autograd on (training), the same computation as differentiable torch calls (one SDPA
+    call per sequence, or torch's variable-length kernel on CUDA in fp16/bf16)."""
+    if not (torch.is_grad_enabled() and qkv.requires_grad):
+        return _varlen_op(qkv, cu, max_len, num_heads)
+    return _varlen(qkv, cu, max_len, num_heads)
+
+
+def _qk_normed(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """qkv (T, 3 * C) with timm's ``q_norm``/``k_norm`` (QK-norm ViTs) applied per head; as it is without them."""
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        return qkv
+    q, k, v = qkv.view(qkv.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
+    return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=1).flatten(1)
 
 
 def packed_block(blk: nn.Module, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
@@ -80,12 +93,8 @@ def packed_block(blk: nn.Module, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
     within each sequence of ``cu`` (S + 1,) cumulative lengths, ``max_len`` the longest. Derived from
     timm's ``Block.forward``."""
     attn = blk.attn
-    T = x.shape[0]
-    h = blk.norm1(x)
-    qkv = attn.qkv(h).reshape(T, 3, attn.num_heads, attn.head_dim)
-    q, k, v = qkv.unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    o = varlen_attention(q, k, v, cu, max_len).reshape(T, -1)
+    qkv = _qk_normed(attn, attn.qkv(blk.norm1(x)))
+    o = varlen_attention(qkv, cu, max_len, attn.num_heads)
     x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(o)))))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 

@@ -3,8 +3,9 @@
 The first head that runs writes every token; each later head overwrites only the tokens still in play,
 so every token ends up holding the scores of the stage where it left. Alongside, the canvas keeps
 
-- ``exit_stage`` (B, N + 1): the stage that finalised each token. Column ``N`` is a padding sink: the
-  layouts pad their token positions with ``N``, so writes through padding land there and are dropped;
+- ``exit_stage`` (B, N + 1): the stage that finalised each token, the last stage whose head decoded it.
+  Column ``N`` is a padding sink: the layouts pad their token positions with ``N``, so writes through
+  padding land there and are dropped (the score canvas has the same column once tokens left);
 - for models whose heads are of mixed kinds (ATM and not; the ``"prob"`` score space), one canvas per
   head kind in that kind's own space (ATM mask logits, class logits) and the tokens it covers, for the
   stage losses.
@@ -39,6 +40,8 @@ class Canvas:
     """The score canvas of one forward over ``batch`` images of token grid ``grid``.
 
     mixed: the heads are of mixed kinds (``"prob"`` score space): keep per-kind canvases for the losses.
+    The exit map needs no write of its own: a token is decoded by every head while it is in play and by
+    none after it left, so the stage that finalised it is the last stage whose head decoded it.
     """
 
     def __init__(self, batch: int, grid: tuple[int, int], num_stages: int, mixed: bool,
@@ -46,22 +49,27 @@ class Canvas:
         self.grid = grid
         self.N = grid[0] * grid[1]
         self.mixed = mixed
-        self.scores: Optional[Tensor] = None  # (B, K, N) in the model's score space
+        self._scores: Optional[Tensor] = None  # (B, K, N), or (B, K, N + 1) once tokens left: the model's space
         self.native: dict[str, Tensor] = {}  # head kind ("atm", "logits") -> (B, K, N) in its own space
         self.coverage: dict[str, Tensor] = {}  # head kind -> (B, N) bool, tokens its canvas holds
-        self._shape = (batch, self.N + 1, num_stages - 1, device)
-        self._exit_stage: Optional[Tensor] = None
+        self._shape = (batch, self.N + 1, device)
+        self._all_at = num_stages - 1  # the last stage that decoded every token
+        self._exit_stage: Optional[Tensor] = None  # (B, N + 1) long, once a head decoded only some tokens
         self.exited = False  # whether any token has left yet
 
-    def write(self, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Optional[Tensor],
+    def write(self, stage: int, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Optional[Tensor],
               valid: Optional[Tensor]) -> StageOutput:
-        """Write one stage head's output: ``values`` (B, K, L) in the score space and ``logits`` (B, K, L)
+        """Write stage head ``stage``'s output: ``values`` (B, K, L) in the score space and ``logits`` (B, K, L)
         in the head's own space, at token positions ``pos`` (B, L) where ``valid`` (B, L) (both None: every
-        token in raster order, L = N); ``presence``
-        (B, K, 2) for ATM heads. Returns the stage's view of the canvases (:class:`StageOutput`)."""
+        token in raster order, L = N); ``presence`` (B, K, 2) for ATM heads. ``pos`` holds ``N`` wherever
+        ``valid`` is False (the layouts' contract, :class:`dtop.models.layouts.TokenLayout`). Returns the
+        stage's view of the canvases (:class:`StageOutput`)."""
         B = values.shape[0]
-        # while no token has left, this head decoded every token in raster order: its output is the canvas
-        self.scores = write_tokens(self.scores, values, pos, valid, self.N) if self.exited else values
+        if self.exited:  # later heads write at their positions, padding (position N) into a column never read
+            self._scores = self._write_wide(values, pos)
+            self._mark_decoded(stage, pos)
+        else:  # no token has left: this head decoded every token in raster order, its output is the canvas
+            self._scores, self._all_at = values, stage
         if self.mixed and pos is None:  # every token, in raster order (the forward where nothing leaves)
             pos = torch.arange(self.N, device=values.device).expand(B, self.N)
             valid = torch.ones(B, self.N, dtype=torch.bool, device=values.device)
@@ -72,22 +80,35 @@ class Canvas:
             self.coverage[kind] = self.coverage.get(kind, seen) | seen
             own, covered = self.native[kind], self.coverage[kind]
         else:  # one head kind: the canvas is in the heads' own space and covers every token
-            own, covered = self.scores, None
-        return StageOutput(self.scores, presence, own, covered, self.grid)
+            own, covered = self._scores, None
+        return StageOutput(self._scores, presence, own, covered, self.grid)
 
     @property
-    def exit_stage(self) -> Tensor:
-        """(B, N + 1) long, made on first use (a forward where nothing leaves never needs it)."""
-        if self._exit_stage is None:
-            B, width, last, device = self._shape
-            self._exit_stage = torch.full((B, width), last, dtype=torch.long, device=device)
-        return self._exit_stage
+    def scores(self) -> Optional[Tensor]:
+        """(B, K, N): the canvas in the model's score space (None before the first write)."""
+        s = self._scores
+        return s if s is None or s.shape[-1] == self.N else s[..., : self.N]
 
-    def mark_exits(self, stage: int, exits: Tensor, pos: Tensor) -> None:
-        """Tokens at positions ``pos`` (B, L) where ``exits`` (B, L) left at ``stage``."""
-        self.exit_stage.scatter_(1, pos.masked_fill(~exits, self.N), stage)  # the others to the padding column
+    def _write_wide(self, values: Tensor, pos: Tensor) -> Tensor:
+        """The score canvas with ``values`` (B, K, L) written at ``pos`` (B, L), out of place (earlier stage
+        snapshots keep their values), (B, K, N + 1): three tensor ops, no host sync."""
+        wide = self._scores if self._scores.shape[-1] > self.N else F.pad(self._scores, (0, 1))
+        B, K, L = values.shape
+        return wide.scatter(2, pos[:, None, :].expand(B, K, L), values.to(wide.dtype))
+
+    def _mark_decoded(self, stage: int, pos: Tensor) -> None:
+        if self._exit_stage is None:
+            B, width, device = self._shape
+            self._exit_stage = torch.full((B, width), self._all_at, dtype=torch.long, device=device)
+        self._exit_stage.scatter_(1, pos, stage)  # padding positions (N) land in the sink column
+
+    def tokens_left(self) -> None:
+        """Some tokens have left: from now on each head writes only the tokens still in play."""
         self.exited = True
 
     def exit_map(self) -> Tensor:
-        """(B, h, w) long: the stage that finalised each token."""
-        return self.exit_stage[:, : self.N].reshape(-1, *self.grid)
+        """(B, h, w) long: the stage that finalised each token (the last stage whose head decoded it)."""
+        if self._exit_stage is None:
+            B, _, device = self._shape
+            return torch.full((B, *self.grid), self._all_at, dtype=torch.long, device=device)
+        return self._exit_stage[:, : self.N].reshape(-1, *self.grid)

@@ -66,6 +66,14 @@ def _keys(key_valid: Tensor) -> tuple[Tensor, Tensor]:
     return key_valid.view(B, 1, 1, n) | ~has_key, has_key
 
 
+def key_bias(key_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """key_valid (B, n) bool -> an additive attention bias (B, 1, 1, n): 0 at the valid keys, half the most
+    negative ``dtype`` value at the others (finite: an image whose keys are all padding gets a uniform, finite
+    softmax over them instead of NaN; with its padding values zeroed its output is then zero, the empty sum)."""
+    B, n = key_valid.shape
+    return (key_valid.to(dtype) - 1).mul(-torch.finfo(dtype).min / 2).view(B, 1, 1, n)
+
+
 class QueryAttention(nn.Module):
     """Multi-head attention of queries over keys that also returns the pre-softmax logits averaged over heads
     (SegViT's ``attn``, the mask logits of the ATM head).
@@ -98,27 +106,32 @@ class QueryAttention(nn.Module):
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, xq: Tensor, xkv: Tensor, key_valid: Optional[Tensor] = None,
-                q: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """xq (B, Q, d), xkv (B, n, d), key_valid (B, n) bool or None -> out (B, Q, d), logits (B, Q, n).
+                q: Optional[Tensor] = None, batch: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """xq (B or 1, Q, d) queries, xkv (B, n, d) tokens or their rows (B * n, d) with ``batch`` = B,
+        key_valid (B, n) bool or None -> out (B, Q, d), logits (B, Q, n).
 
-        Keys where ``key_valid`` is False (padding) take no part in the softmax. ``q``: ``queries(xq)``
-        when the caller already has it (batch 1 or B)."""
-        B, Q, d = xq.shape
-        h = self.num_heads
-        q = (self.queries(xq) if q is None else q).expand(B, -1, -1)
-        k, v = self.k(xkv), self.v(xkv)
+        Keys where ``key_valid`` is False (padding) take no part in the softmax; an image without a valid key
+        gets out = proj(0), the empty sum. ``q``: ``queries(xq)`` when the caller already has it (batch 1 or
+        B). The key and value projections run on the token rows (one 2-D matmul each, no reshapes)."""
+        d, h = xq.shape[-1], self.num_heads
+        rows = xkv if batch is not None else xkv.reshape(-1, d)
+        B = batch if batch is not None else xkv.shape[0]
+        n, Q = rows.shape[0] // max(B, 1), xq.shape[1]
+        q = (self.queries(xq) if q is None else q).expand(B, Q, d)
+        k, v = self.k(rows).view(B, n, d), self.v(rows)
+        if key_valid is not None:
+            v = v * key_valid.reshape(B * n, 1)  # padding values are zero: an image without keys sums nothing
+        v = v.view(B, n, h, d // h).transpose(1, 2)  # (B, h, n, d / h)
         if self.fused_attn:
             logits = torch.bmm(q, k.transpose(1, 2))  # (B, Q, n): the mean over heads of the scaled logits
-            keys, has_key = _keys(key_valid) if key_valid is not None else (None, None)
+            bias = key_bias(key_valid, k.dtype) if key_valid is not None else None
             # q carries scale / h: scale=h restores the per-head scale
-            out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=keys,
-                                                 scale=float(h))
-            out = out if has_key is None else out * has_key
+            out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), v, attn_mask=bias, scale=float(h))
         else:
             per_head = self._heads(q) @ self._heads(k).transpose(-2, -1)  # (B, h, Q, n), scaled by scale / h
             logits = per_head.sum(dim=1)
-            out = masked_softmax(per_head * h, key_valid) @ self._heads(v)
-        return self.proj(out.transpose(1, 2).reshape(B, Q, d)), logits
+            out = masked_softmax(per_head * h, key_valid) @ v
+        return self.proj(out.transpose(1, 2).reshape(B * Q, d)).view(B, Q, d), logits
 
 
 class ATMDecoderLayer(nn.Module):
@@ -141,14 +154,16 @@ class ATMDecoderLayer(nn.Module):
         return q, self.cross_attn.queries(q)
 
     def forward(self, q: Tensor, x: Tensor, valid: Optional[Tensor] = None,
-                query_side: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-        """q (B, Q, d) queries, x (B, n, d) tokens, valid (B, n) -> queries (B, Q, d), mask logits (B, Q, n).
-        ``query_side``: ``self.query_side(q)`` when the caller already has it (broadcastable over B)."""
+                query_side: Optional[tuple[Tensor, Tensor]] = None, batch: Optional[int] = None
+                ) -> tuple[Tensor, Tensor]:
+        """q (B or 1, Q, d) queries, x (B, n, d) tokens or their rows (B * n, d) with ``batch`` = B, valid (B, n)
+        -> the queries' rows (B * Q, d) (the FFN runs on them), mask logits (B, Q, n). ``query_side``:
+        ``self.query_side(q)`` when the caller already has it (broadcastable over B)."""
         q, q_proj = self.query_side(q) if query_side is None else query_side
-        out, mask_logits = self.cross_attn(q, x, valid, q_proj)
-        q = self.norm2(q + out)
-        q = self.norm3(q + self.ffn(q))
-        return q, mask_logits
+        out, mask_logits = self.cross_attn(q, x, valid, q_proj, batch=batch)
+        B, Q, d = out.shape
+        q = self.norm2(q + out).view(B * Q, d)
+        return self.norm3(q + self.ffn(q)), mask_logits
 
 
 class ATMHead(nn.Module):
@@ -203,12 +218,12 @@ class ATMHead(nn.Module):
     def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> HeadOutput:
         """x (B, n, C); valid (B, n) bool marks real tokens when the batch is padded. The first layer's
         queries are the learned class queries (the same for every image: :meth:`first_query_side`)."""
-        x = self.proj_norm(self.input_proj(x))
-        q, q_proj = self.first_query_side()
-        q, mask_logits = self.layers[0](q, x, valid, (q.expand(x.shape[0], -1, -1), q_proj))
+        B, n, C = x.shape
+        x = self.proj_norm(self.input_proj(x.reshape(B * n, C)))  # (B * n, d): per-token layers on the rows
+        q, mask_logits = self.layers[0](None, x, valid, self.first_query_side(), batch=B)  # q: (B * K, d) rows
         for layer in self.layers[1:]:
-            q, mask_logits = layer(q, x, valid)
-        return HeadOutput(logits=mask_logits, presence=self.presence(q))
+            q, mask_logits = layer(q.view(B, self.num_classes, -1), x, valid, batch=B)
+        return HeadOutput(logits=mask_logits, presence=self.presence(q).view(B, self.num_classes, 2))
 
 
 class MaskTransformerHead(nn.Module):

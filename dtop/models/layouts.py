@@ -16,7 +16,6 @@ token counts, GFLOPs, gradients). ``P`` prefix tokens (CLS, registers: ``segment
 """
 from __future__ import annotations
 
-from itertools import accumulate
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
@@ -40,7 +39,8 @@ class TokenLayout(Protocol):
     - ``counts()`` -> (B,) long: tokens each image sent through the last block, prefix included.
     - ``decode(head)`` -> (out, pos, valid): ``head(x (B, L, C), valid (B, L) or None)`` on the patch
       tokens in play, its output :class:`~dtop.models.heads.HeadOutput` with (B, K, L) per-token values,
-      ``pos`` (B, L) long their token positions (padding = N) and ``valid`` (B, L) bool the real ones.
+      ``pos`` (B, L) long their token positions (padding = N; None while no token has left: the L = N
+      columns are every token in raster order) and ``valid`` (B, L) bool the real ones.
     - ``prune(keep)`` -> a new layout holding only the tokens where ``keep`` (B, L) (the columns of the
       last ``decode``) is True, in their original order.
     """
@@ -66,19 +66,31 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+def _patches(x: Tensor, P: int) -> Tensor:
+    """The patch columns of x (B, P + L, ...): the columns after the ``P`` prefix ones (x itself when P = 0)."""
+    return x[:, P:] if P else x
+
+
 class PaddedTokens:
     """x (B, P + L, C) with a (B, L) validity mask; ``valid=None`` means no padding (the dense batch).
-    pos (B, L): the token position of each column (padding = N)."""
+    pos (B, L): the token position of each column (padding = N); None: the L = N columns are every token in
+    raster order (the batch before any token left; :attr:`pos` makes the positions when asked)."""
 
-    def __init__(self, x: Tensor, pos: Tensor, valid: Optional[Tensor], P: int, N: int) -> None:
-        self.x, self.pos, self.valid, self.P, self.N = x, pos, valid, P, N
+    def __init__(self, x: Tensor, pos: Optional[Tensor], valid: Optional[Tensor], P: int, N: int) -> None:
+        self.x, self._pos, self.valid, self.P, self.N = x, pos, valid, P, N
         self._counts: Optional[Tensor] = None  # counts(), made once: the blocks do not change it
 
     @classmethod
     def full(cls, x: Tensor, P: int, N: int) -> "PaddedTokens":
         """The whole batch x (B, P + N, C), before any token has left."""
-        B = x.shape[0]
-        return cls(x, torch.arange(N, device=x.device).expand(B, N), None, P, N)
+        return cls(x, None, None, P, N)
+
+    @property
+    def pos(self) -> Tensor:
+        """(B, L) long: the token position of each column (padding = N)."""
+        if self._pos is None:
+            self._pos = torch.arange(self.N, device=self.x.device).expand(self.x.shape[0], self.N)
+        return self._pos
 
     def _attn_mask(self) -> Optional[Tensor]:
         if self.valid is None:
@@ -97,14 +109,15 @@ class PaddedTokens:
     def counts(self) -> Tensor:
         if self._counts is None:
             if self.valid is None:
-                self._counts = torch.full((self.x.shape[0],), self.pos.shape[1] + self.P, device=self.x.device)
+                self._counts = torch.full((self.x.shape[0],), self.x.shape[1], device=self.x.device)
             else:
                 self._counts = self.valid.sum(1) + self.P
         return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
-        valid = self.valid if self.valid is not None else torch.ones_like(self.pos, dtype=torch.bool)
-        return head(self.x[:, self.P:], self.valid), self.pos, valid
+        B, L = self.x.shape[0], self.x.shape[1] - self.P
+        valid = self.valid if self.valid is not None else self.x.new_ones(B, L, dtype=torch.bool)
+        return head(_patches(self.x, self.P), self.valid), self._pos, valid
 
     def keep_exactly(self, keep: Tensor, count: int) -> "PaddedTokens":
         """The tokens where ``keep`` (B, L), when every image keeps exactly ``count`` (budget exits, no padding
@@ -204,7 +217,7 @@ class PerImageTokens:
 
     def counts(self) -> Tensor:
         if self._counts is None:
-            self._counts = torch.tensor([x.shape[1] for x in self.xs])
+            self._counts = torch.tensor([x.shape[1] for x in self.xs], device=self.xs[0].device)
         return self._counts
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
@@ -235,25 +248,32 @@ class PackedTokens:
         self.x, self.flat, self.pos, self.lengths, self.P, self.N = x, flat, pos, lengths, P, N
         dev = x.device
         self._counts = torch.tensor(lengths, device=dev) if counts is None else counts
-        self._cu = torch.tensor(list(accumulate([n for n in lengths if n], initial=0)), device=dev)
+        # the varlen kernel's sequence offsets, made on the device (a host list copied over would be a second
+        # host sync per stage on CUDA); an image without rows is an empty sequence, a repeated offset
+        self._cu = F.pad(self._counts.cumsum(0), (1, 0))
         self._grid: Optional[Tensor] = None  # (B, W, C): the rows of the last decode
         self._valid: Optional[Tensor] = None  # (B, W - P) bool: its real patch columns
 
     @classmethod
-    def from_grid(cls, grid: Tensor, keep: Tensor, pos: Tensor, P: int, N: int) -> "PackedTokens":
+    def from_grid(cls, grid: Tensor, keep: Tensor, pos: Optional[Tensor], P: int, N: int) -> "PackedTokens":
         """The prefix rows of ``grid`` (B, W, C) and its patch rows where ``keep`` (B, W - P) bool, packed in
-        order; ``pos`` (B, W - P) the token positions of the patch columns. One host sync (the counts)."""
+        order; ``pos`` (B, W - P) the token positions of the patch columns (None: every token in raster order,
+        W - P = N). One host sync (the counts)."""
         B, W, C = grid.shape
         keep = F.pad(keep, (P, 0), value=True) if P else keep
         counts = keep.sum(1)
         lengths = counts.tolist()
         width = max(lengths, default=0)
-        src = torch.argsort((~keep).reshape(-1).to(torch.int8), stable=True)[: sum(lengths)]  # kept, in order
+        # the kept cells in order: a stable descending sort of the mask puts them first, keeping their order
+        src = torch.sort(keep.reshape(-1), descending=True, stable=True).indices[: sum(lengths)]
         slot = keep.cumsum(1) - 1  # each kept column's slot in its image
         flat = src // W * width + slot.reshape(-1).index_select(0, src)
-        pos = F.pad(pos, (P, 0), value=N) if P else pos
-        new_pos = torch.full((B * width,), N, dtype=pos.dtype, device=pos.device)
-        new_pos = new_pos.index_copy_(0, flat, pos.reshape(-1).index_select(0, src)).view(B, width)[:, P:]
+        if pos is None:  # raster order: a cell's column is its token's position (prefix cells: dropped below)
+            kept_pos = src % W - P if P else src % W
+        else:
+            kept_pos = (F.pad(pos, (P, 0), value=N) if P else pos).reshape(-1).index_select(0, src)
+        new_pos = torch.full((B * width,), N, dtype=torch.long, device=grid.device)
+        new_pos = _patches(new_pos.index_copy_(0, flat, kept_pos).view(B, width), P)
         return cls(grid.reshape(B * W, C).index_select(0, src), flat, new_pos, lengths, P, N, counts)
 
     @classmethod
@@ -261,10 +281,10 @@ class PackedTokens:
         """Pack a padded batch: the rows of ``t.x`` (B, P + L, C) that are prefix tokens or valid and, when
         ``keep`` (B, L) bool is given, kept (the first exit packs only the tokens that stay)."""
         if keep is None:
-            keep = t.valid if t.valid is not None else torch.ones_like(t.pos, dtype=torch.bool)
+            keep = t.valid if t.valid is not None else t.x.new_ones(t.x.shape[0], t.x.shape[1] - t.P, dtype=torch.bool)
         elif t.valid is not None:
             keep = keep & t.valid
-        return cls.from_grid(t.x, keep, t.pos, t.P, t.N)
+        return cls.from_grid(t.x, keep, t._pos, t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
         if self.x.shape[0]:
@@ -278,7 +298,7 @@ class PackedTokens:
         B, W, C = len(self.lengths), max(self.lengths, default=0), self.x.shape[1]
         self._grid = self.x.new_zeros(B * W, C).index_copy(0, self.flat, self.x).view(B, W, C)
         self._valid = self.pos < self.N
-        return head(self._grid[:, self.P:], self._valid), self.pos, self._valid
+        return head(_patches(self._grid, self.P), self._valid), self.pos, self._valid
 
     def prune(self, keep: Tensor) -> "PackedTokens":
         """The tokens where ``keep`` (B, W - P) (the columns of the last :meth:`decode`) and the prefix rows."""
@@ -290,8 +310,16 @@ def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = F
     layout ``layout``. The first exit packs the kept tokens of the padded batch (one host sync); the other
     layouts prune the padded batch and then convert it."""
     if layout == "packed":
-        return tokens.prune(~exits) if isinstance(tokens, PackedTokens) else PackedTokens.from_padded(tokens, ~exits)
+        if isinstance(tokens, PackedTokens):
+            return PackedTokens.from_grid(tokens._grid, and_not(tokens._valid, exits), tokens.pos, tokens.P, tokens.N)
+        keep = ~exits if tokens.valid is None else and_not(tokens.valid, exits)
+        return PackedTokens.from_grid(tokens.x, keep, tokens._pos, tokens.P, tokens.N)
     return to_layout(tokens.prune(~exits), layout, bucket)
+
+
+def and_not(a: Tensor, b: Tensor) -> Tensor:
+    """``a & ~b`` for bool tensors in one operation (``a > b``: True only where a is True and b is False)."""
+    return a > b
 
 
 def to_layout(tokens: TokenLayout, layout: str, bucket: bool = False) -> TokenLayout:

@@ -27,7 +27,8 @@ class StageOutput:
     valid: (B, h, w) bool, tokens where ``logits`` is defined (all True unless head kinds are mixed
         and some tokens left at a head of the other kind).
 
-    Built from the (B, K, h, w) maps, or (``grid`` given) from token-ordered (B, K, N) canvases and a (B, N)
+    Built from the (B, K, h, w) maps, or (``grid`` given) from token-ordered (B, K, N) canvases (or (B, K, N + 1):
+    a padding column last) and a (B, N)
     ``valid`` (None: all True), which are shaped into maps only when read: a forward that never reads a
     stage (inference) dispatches no operation for it. A dataclass, so that DistributedDataParallel finds
     the tensors it holds.
@@ -46,7 +47,11 @@ class StageOutput:
         self.raw_canvas, self.presence, self.raw_logits, self.raw_valid, self.grid = canvas, presence, logits, valid, grid
 
     def _map(self, t: Tensor) -> Tensor:
-        return t if self.grid is None else t.reshape(t.shape[0], -1, *self.grid)
+        if self.grid is None:
+            return t
+        N = self.grid[0] * self.grid[1]
+        # a canvas may carry the writers' padding column N (dtop.models.canvas): never part of the map
+        return (t if t.shape[-1] == N else t[..., :N]).reshape(t.shape[0], -1, *self.grid)
 
     @property
     def canvas(self) -> Tensor:

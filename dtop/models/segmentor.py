@@ -64,6 +64,16 @@ def upsample_scores(score: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(score, size=size, mode="bilinear", align_corners=False)
 
 
+def host_counts(per_block: list[Tensor], decoded: dict[int, Tensor], depth: int, num_stages: int
+                ) -> tuple[Tensor, Tensor]:
+    """The forward's token counts on the host in one copy (one host sync): ``per_block`` the (B,) counts of
+    each block that ran, ``decoded`` stage -> (B,) tokens its head decoded -> tokens_per_block (B, depth)
+    and head_tokens (B, num_stages), zeros for blocks and heads that did not run."""
+    none = per_block[-1] * 0 if len(per_block) < depth or len(decoded) < num_stages else None
+    rows = per_block + [none] * (depth - len(per_block)) + [decoded.get(s, none) for s in range(num_stages)]
+    return torch.stack(rows, 1).cpu().split([depth, num_stages], 1)
+
+
 class Segmentor(nn.Module):
     """A timm plain ViT with stage heads after some of its blocks: what DToP and the supplement's
     alternatives share. ``forward_dense`` is the plain model (every block, final head only)."""
@@ -267,7 +277,7 @@ class DToPSegmentor(Segmentor):
         out, grid = self.final_head(images)
         B, N, S, run = images.shape[0], grid[0] * grid[1], self.num_stages, self.stage_blocks[-1] + 1
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=images.device)
-        stage = canvas.write(self.to_space(out), out.logits, out.presence, None, None)
+        stage = canvas.write(S - 1, self.to_space(out), out.logits, out.presence, None, None)
         counts = torch.tensor([[N + self.backbone.prefix_in_blocks] * run + [0] * (self.backbone.depth - run)] * B)
         head_tokens = torch.tensor([[0] * (S - 1) + [N]] * B)
         size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -283,7 +293,8 @@ class DToPSegmentor(Segmentor):
         x, grid = self.backbone.embed(images)
         B, depth, S = x.shape[0], self.backbone.depth, self.num_stages
         layout = self.layout if self.layout != "auto" else default_layout(x.device)
-        tokens = PaddedTokens.full(x, self.backbone.prefix_in_blocks, grid[0] * grid[1])
+        P = self.backbone.prefix_in_blocks
+        tokens = PaddedTokens.full(x, P, grid[0] * grid[1])
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=x.device)
         per_block: list[Tensor] = []  # each block's token counts, on the device (one tensor per layout)
         decoded: dict[int, Tensor] = {}  # stage -> (B,) tokens its head decoded
@@ -295,27 +306,26 @@ class DToPSegmentor(Segmentor):
             if stage is None or self.idle(stage):
                 continue
             out, pos, valid = tokens.decode(partial(self.decode, stage))
-            decoded[stage] = valid.sum(1)
-            stages.append(canvas.write(self.to_space(out), out.logits, out.presence, pos, valid))
+            decoded[stage] = tokens.counts() - P if P else tokens.counts()  # the patch tokens it decoded
+            stages.append(canvas.write(stage, self.to_space(out), out.logits, out.presence, pos, valid))
             exact = (self.exact_budget() and self.layout != "per_image" and isinstance(tokens, PaddedTokens)
                      and tokens.valid is None)
             exits = self.decide_exits(stage, out, valid, check_any=layout != "packed" and not exact,
                                       num_tokens=tokens.N)
             if exits is not None:
-                canvas.mark_exits(stage, exits, pos)
+                canvas.tokens_left()
                 if exact:  # every image exits exactly its budget: the kept tokens stay one (B, n, C) tensor
                     tokens = tokens.keep_exactly(~exits, exits.shape[1] - min(self.budget(stage, tokens.N),
                                                                               exits.shape[1]))
                 else:
                     tokens = drop_exits(tokens, exits, layout, self.bucket)
         del tokens, out, x  # free the token features before the full-resolution upsampling (peak memory)
-        tokens_per_block = F.pad(torch.stack(per_block, 1), (0, depth - len(per_block)))
-        head_tokens = torch.stack([decoded[s] if s in decoded else decoded[S - 1] * 0 for s in range(S)], 1)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+        tokens_per_block, head_tokens = host_counts(per_block, decoded, depth, S)
+        size, scores = (int(images.shape[-2]), int(images.shape[-1])), canvas.scores
         return SegmentationOutput(
-            scores=self.finalise(canvas.scores, stages[-1].presence, grid, size),
-            canvas=canvas.scores.reshape(B, -1, *grid), exit_stage=canvas.exit_map(),
-            tokens_per_block=tokens_per_block.cpu(), head_tokens=head_tokens.cpu(), image_size=size, stages=stages)
+            scores=self.finalise(scores, stages[-1].presence, grid, size),
+            canvas=scores.reshape(B, -1, *grid), exit_stage=canvas.exit_map(),
+            tokens_per_block=tokens_per_block, head_tokens=head_tokens, image_size=size, stages=stages)
 
 
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:

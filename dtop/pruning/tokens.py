@@ -57,7 +57,8 @@ def select_exits(conf: Tensor, label: Tensor, p0: float, k: int = 5, valid: Opti
     # a token is among the k most confident of its group unless the token k places before it is of its group
     before = F.pad(sorted_group, (k, 0), value=-1)[:, : sorted_group.shape[1]]
     exits_sorted = (before == sorted_group) & (sorted_group < num_groups - 1)
-    return torch.zeros_like(easy).scatter(1, order, exits_sorted)
+    # back to token order: ``order`` is a permutation, so the scatter overwrites every entry of its copy
+    return exits_sorted.scatter(1, order, exits_sorted)
 
 
 def select_budget(conf: Tensor, label: Tensor, count: int, k: int = 5, valid: Optional[Tensor] = None,
