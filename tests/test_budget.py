@@ -110,7 +110,7 @@ def test_budget_batch_runs_without_padding_masks_or_host_syncs():
     with torch.no_grad():
         model(x)
         c, _ = count_ops(lambda: model(x))
-    assert c.by_sync == {"cpu": 1}  # only the one copy of the output token counts to the host
+    assert c.syncs == 0, c.by_sync  # the output token counts are known on the host: nothing is read back
 
 
 def test_budget_gflops_equal_fvcore():

@@ -16,7 +16,7 @@ token counts, GFLOPs, gradients). ``P`` prefix tokens (CLS, registers: ``segment
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ class TokenLayout(Protocol):
 
     - ``run(block)``: run one ViT block on the tokens in play (in place).
     - ``counts()`` -> (B,) long: tokens each image sent through the last block, prefix included.
+    - ``host_counts()`` -> the same as a list of B host ints when the layout knows them without reading the
+      device (no host sync), else None.
     - ``decode(head)`` -> (out, pos, valid): ``head(x (B, L, C), valid (B, L) or None)`` on the patch
       tokens in play, its output :class:`~dtop.models.heads.HeadOutput` with (B, K, L) per-token values,
       ``pos`` (B, L) long their token positions (padding = N; None while no token has left: the L = N
@@ -48,6 +50,8 @@ class TokenLayout(Protocol):
     def run(self, blk: nn.Module) -> None: ...
 
     def counts(self) -> Tensor: ...
+
+    def host_counts(self) -> Optional[list[int]]: ...
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]: ...
 
@@ -114,6 +118,9 @@ class PaddedTokens:
                 self._counts = self.valid.sum(1) + self.P
         return self._counts
 
+    def host_counts(self) -> Optional[list[int]]:
+        return [self.x.shape[1]] * self.x.shape[0] if self.valid is None else None  # padded: only the device knows
+
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         B, L = self.x.shape[0], self.x.shape[1] - self.P
         valid = self.valid if self.valid is not None else self.x.new_ones(B, L, dtype=torch.bool)
@@ -170,6 +177,9 @@ class BucketedTokens:
             out[ids] = sub.counts()
         return out
 
+    def host_counts(self) -> Optional[list[int]]:
+        return None
+
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         parts = [(ids, *sub.decode(head)) for ids, sub in self.buckets]
         L = max(p[2].shape[1] for p in parts)
@@ -217,8 +227,11 @@ class PerImageTokens:
 
     def counts(self) -> Tensor:
         if self._counts is None:
-            self._counts = torch.tensor([x.shape[1] for x in self.xs], device=self.xs[0].device)
+            self._counts = torch.tensor(self.host_counts(), device=self.xs[0].device)
         return self._counts
+
+    def host_counts(self) -> list[int]:
+        return [x.shape[1] for x in self.xs]
 
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         outs = [head(x[:, self.P:], None) for x in self.xs]
@@ -294,6 +307,9 @@ class PackedTokens:
     def counts(self) -> Tensor:
         return self._counts
 
+    def host_counts(self) -> list[int]:
+        return list(self.lengths)  # read when the layout was packed (its one host sync)
+
     def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
         B, W, C = len(self.lengths), max(self.lengths, default=0), self.x.shape[1]
         self._grid = self.x.new_zeros(B * W, C).index_copy(0, self.flat, self.x).view(B, W, C)
@@ -303,6 +319,12 @@ class PackedTokens:
     def prune(self, keep: Tensor) -> "PackedTokens":
         """The tokens where ``keep`` (B, W - P) (the columns of the last :meth:`decode`) and the prefix rows."""
         return PackedTokens.from_grid(self._grid, keep & self._valid, self.pos, self.P, self.N)
+
+
+def known_counts(tokens: TokenLayout) -> Union[list[int], Tensor]:
+    """``tokens.host_counts()`` when the layout knows its counts on the host, else the (B,) ``tokens.counts()``."""
+    counts = tokens.host_counts()
+    return tokens.counts() if counts is None else counts
 
 
 def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = False) -> TokenLayout:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,10 @@ from .canvas import Canvas
 from .blocks import packed_block
 from .config import SegmentorConfig
 from .heads import HEADS, HeadOutput, atm_scores
-from .layouts import PaddedTokens, check_layout, default_layout, drop_exits
+from .layouts import PaddedTokens, check_layout, default_layout, drop_exits, known_counts
 from .outputs import SegmentationOutput, StageOutput  # noqa: F401  (StageOutput: its former home)
 
+Counts = Union[list[int], Tensor]  # (B,) token counts: host ints, or a tensor on the device
 ExitOverride = Callable[[int, Tensor, Tensor], Tensor]  # (stage, conf (B, L), valid (B, L)) -> exits (B, L)
 
 
@@ -64,14 +65,31 @@ def upsample_scores(score: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(score, size=size, mode="bilinear", align_corners=False)
 
 
-def host_counts(per_block: list[Tensor], decoded: dict[int, Tensor], depth: int, num_stages: int
+def host_counts(per_block: list[Counts], decoded: dict[int, Counts], depth: int, num_stages: int, prefix: int
                 ) -> tuple[Tensor, Tensor]:
-    """The forward's token counts on the host in one copy (one host sync): ``per_block`` the (B,) counts of
-    each block that ran, ``decoded`` stage -> (B,) tokens its head decoded -> tokens_per_block (B, depth)
-    and head_tokens (B, num_stages), zeros for blocks and heads that did not run."""
-    none = per_block[-1] * 0 if len(per_block) < depth or len(decoded) < num_stages else None
-    rows = per_block + [none] * (depth - len(per_block)) + [decoded.get(s, none) for s in range(num_stages)]
-    return torch.stack(rows, 1).cpu().split([depth, num_stages], 1)
+    """The forward's token counts on the host: tokens_per_block (B, depth) and head_tokens (B, num_stages)
+    (patch tokens only: the ``prefix`` tokens left out), zeros for blocks and heads that did not run.
+    ``per_block`` holds each block's counts and ``decoded`` each stage head's, as B host ints where the layout
+    knew them without reading the device (:func:`~dtop.models.layouts.known_counts`) or as (B,) device
+    tensors, which come over in one copy (one host sync): a forward whose layouts knew every count (packed,
+    per_image, budget exits) makes no sync here."""
+    B = len(per_block[0])
+    zeros = [0] * B
+    heads = [decoded.get(s, zeros) for s in range(num_stages)]
+    heads = [h if h is zeros or not prefix else (h - prefix if isinstance(h, Tensor) else [n - prefix for n in h])
+             for h in heads]
+    rows = per_block + [zeros] * (depth - len(per_block)) + heads
+    on_device = [i for i, r in enumerate(rows) if isinstance(r, Tensor)]
+    if not on_device:
+        table = torch.tensor(list(zip(*rows)), dtype=torch.long).reshape(B, len(rows))
+    else:
+        on_host = [i for i, r in enumerate(rows) if not isinstance(r, Tensor)]
+        parts = [torch.stack([rows[i] for i in on_device], 1).cpu()]  # the one copy
+        if on_host:
+            parts.append(torch.tensor(list(zip(*(rows[i] for i in on_host))), dtype=torch.long).reshape(B, -1))
+        where = {i: j for j, i in enumerate(on_device + on_host)}
+        table = torch.cat(parts, 1)[:, [where[i] for i in range(len(rows))]]
+    return table.split([depth, num_stages], 1)
 
 
 class Segmentor(nn.Module):
@@ -296,17 +314,17 @@ class DToPSegmentor(Segmentor):
         P = self.backbone.prefix_in_blocks
         tokens = PaddedTokens.full(x, P, grid[0] * grid[1])
         canvas = Canvas(B, grid, S, mixed=self.space == "prob", device=x.device)
-        per_block: list[Tensor] = []  # each block's token counts, on the device (one tensor per layout)
-        decoded: dict[int, Tensor] = {}  # stage -> (B,) tokens its head decoded
+        per_block: list[Counts] = []  # each block's token counts: host ints, or a (B,) tensor on the device
+        decoded: dict[int, Counts] = {}  # stage -> the tokens its head decoded (prefix included)
         stages = []
         for i, blk in enumerate(self.backbone.blocks[: self.stage_blocks[-1] + 1]):
             tokens.run(blk)
-            per_block.append(tokens.counts())
+            per_block.append(known_counts(tokens))
             stage = self.stage_of_block.get(i)
             if stage is None or self.idle(stage):
                 continue
             out, pos, valid = tokens.decode(partial(self.decode, stage))
-            decoded[stage] = tokens.counts() - P if P else tokens.counts()  # the patch tokens it decoded
+            decoded[stage] = per_block[-1]  # its head decodes the tokens in play (prefix tokens too, counted out)
             stages.append(canvas.write(stage, self.to_space(out), out.logits, out.presence, pos, valid))
             exact = (self.exact_budget() and self.layout != "per_image" and isinstance(tokens, PaddedTokens)
                      and tokens.valid is None)
@@ -320,7 +338,7 @@ class DToPSegmentor(Segmentor):
                 else:
                     tokens = drop_exits(tokens, exits, layout, self.bucket)
         del tokens, out, x  # free the token features before the full-resolution upsampling (peak memory)
-        tokens_per_block, head_tokens = host_counts(per_block, decoded, depth, S)
+        tokens_per_block, head_tokens = host_counts(per_block, decoded, depth, S, P)
         size, scores = (int(images.shape[-2]), int(images.shape[-1])), canvas.scores
         return SegmentationOutput(
             scores=self.finalise(scores, stages[-1].presence, grid, size),
