@@ -40,8 +40,9 @@ class Canvas:
     """The score canvas of one forward over ``batch`` images of token grid ``grid``.
 
     mixed: the heads are of mixed kinds (``"prob"`` score space): keep per-kind canvases for the losses.
-    The exit map needs no write of its own: a token is decoded by every head while it is in play and by
-    none after it left, so the stage that finalised it is the last stage whose head decoded it.
+    The exit map needs no step when tokens exit: a token is decoded by every head while it is in play and by
+    none after it left, so the stage that finalised it is the last stage whose head decoded it (each head's
+    write records its stage at its positions).
     """
 
     def __init__(self, batch: int, grid: tuple[int, int], num_stages: int, mixed: bool,

@@ -41,8 +41,9 @@ class TokenLayout(Protocol):
       device (no host sync), else None.
     - ``decode(head)`` -> (out, pos, valid): ``head(x (B, L, C), valid (B, L) or None)`` on the patch
       tokens in play, its output :class:`~dtop.models.heads.HeadOutput` with (B, K, L) per-token values,
-      ``pos`` (B, L) long their token positions (padding = N; None while no token has left: the L = N
-      columns are every token in raster order) and ``valid`` (B, L) bool the real ones.
+      ``pos`` (B, L) long their token positions (None while no token has left: the L = N columns are every
+      token in raster order) and ``valid`` (B, L) bool the real ones. Every padding column's position must
+      be ``N``: the canvas writes through ``pos`` unmasked, and position N is its padding sink.
     - ``prune(keep)`` -> a new layout holding only the tokens where ``keep`` (B, L) (the columns of the
       last ``decode``) is True, in their original order.
     """
@@ -53,7 +54,7 @@ class TokenLayout(Protocol):
 
     def host_counts(self) -> Optional[list[int]]: ...
 
-    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]: ...
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Optional[Tensor], Tensor]: ...
 
     def prune(self, keep: Tensor) -> "TokenLayout": ...
 
@@ -121,7 +122,7 @@ class PaddedTokens:
     def host_counts(self) -> Optional[list[int]]:
         return [self.x.shape[1]] * self.x.shape[0] if self.valid is None else None  # padded: only the device knows
 
-    def decode(self, head: HeadFn) -> tuple[HeadOutput, Tensor, Tensor]:
+    def decode(self, head: HeadFn) -> tuple[HeadOutput, Optional[Tensor], Tensor]:
         B, L = self.x.shape[0], self.x.shape[1] - self.P
         valid = self.valid if self.valid is not None else self.x.new_ones(B, L, dtype=torch.bool)
         return head(_patches(self.x, self.P), self.valid), self._pos, valid
@@ -278,6 +279,7 @@ class PackedTokens:
         lengths = counts.tolist()
         width = max(lengths, default=0)
         # the kept cells in order: a stable descending sort of the mask puts them first, keeping their order
+        # (sorting a bool tensor on CUDA needs torch 2.6, the floor in pyproject.toml)
         src = torch.sort(keep.reshape(-1), descending=True, stable=True).indices[: sum(lengths)]
         slot = keep.cumsum(1) - 1  # each kept column's slot in its image
         flat = src // W * width + slot.reshape(-1).index_select(0, src)

@@ -74,22 +74,31 @@ def host_counts(per_block: list[Counts], decoded: dict[int, Counts], depth: int,
     tensors, which come over in one copy (one host sync): a forward whose layouts knew every count (packed,
     per_image, budget exits) makes no sync here."""
     B = len(per_block[0])
-    zeros = [0] * B
-    heads = [decoded.get(s, zeros) for s in range(num_stages)]
-    heads = [h if h is zeros or not prefix else (h - prefix if isinstance(h, Tensor) else [n - prefix for n in h])
-             for h in heads]
-    rows = per_block + [zeros] * (depth - len(per_block)) + heads
-    on_device = [i for i, r in enumerate(rows) if isinstance(r, Tensor)]
-    if not on_device:
-        table = torch.tensor(list(zip(*rows)), dtype=torch.long).reshape(B, len(rows))
-    else:
-        on_host = [i for i, r in enumerate(rows) if not isinstance(r, Tensor)]
-        parts = [torch.stack([rows[i] for i in on_device], 1).cpu()]  # the one copy
-        if on_host:
-            parts.append(torch.tensor(list(zip(*(rows[i] for i in on_host))), dtype=torch.long).reshape(B, -1))
-        where = {i: j for j, i in enumerate(on_device + on_host)}
-        table = torch.cat(parts, 1)[:, [where[i] for i in range(len(rows))]]
-    return table.split([depth, num_stages], 1)
+    blocks = per_block + [[0] * B] * (depth - len(per_block))
+    heads = [_minus(decoded[s], prefix) if s in decoded else [0] * B for s in range(num_stages)]
+    if not any(isinstance(c, Tensor) for c in blocks + heads):
+        return _host_table(blocks, B), _host_table(heads, B)
+    rows = blocks + heads
+    on_device = [i for i, c in enumerate(rows) if isinstance(c, Tensor)]
+    on_host = [i for i, c in enumerate(rows) if not isinstance(c, Tensor)]
+    table = torch.empty(len(rows), B, dtype=torch.long)
+    table[on_device] = torch.stack([rows[i] for i in on_device]).cpu()  # the one copy
+    if on_host:
+        table[on_host] = _host_table([rows[i] for i in on_host], B).t()
+    return table[:depth].t().contiguous(), table[depth:].t().contiguous()
+
+
+def _minus(counts: Counts, n: int) -> Counts:
+    """(B,) counts less ``n`` (host ints stay host ints)."""
+    if not n:
+        return counts
+    return counts - n if isinstance(counts, Tensor) else [c - n for c in counts]
+
+
+def _host_table(rows: list[list[int]], B: int) -> Tensor:
+    """Rows of B host ints -> a (B, len(rows)) long tensor, built on the host."""
+    table = torch.tensor(list(zip(*rows)), dtype=torch.long)
+    return table if table.dim() == 2 else table.reshape(B, len(rows))  # no rows, or B = 0
 
 
 class Segmentor(nn.Module):
