@@ -163,7 +163,9 @@ def main() -> None:
         "earlier bench that gave every image run alone the first exit fraction (0.3), so their batch-1 columns "
         "compare unlike FLOPs; the mixed-batch columns stand. No GPU was available to re-measure after those "
         "changes. On the H200 every DToP layout was slower than dense at batch 8: the forward is bound by kernel "
-        "launches there (dense bf16 batch 8 takes about 7.6 ms), and the stage heads and bookkeeping add launches.",
+        "launches there (dense bf16 batch 8 takes about 7.6 ms), and the stage heads and bookkeeping add launches. "
+        "No GPU has been lent since issue 15 cut what DToP dispatches (packed 1.29x dense's operations, one host "
+        "sync per exit stage: the op-count section); `benchmarks/gpu_run.sh` is the check to run when one is.",
     ]
     replace_section("Speed: wall-clock dense vs DToP", "\n".join(body))
     print("\n".join(table))
