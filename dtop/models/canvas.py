@@ -55,7 +55,7 @@ class Canvas:
         self.coverage: dict[str, Tensor] = {}  # head kind -> (B, N) bool, tokens its canvas holds
         self._shape = (batch, self.N + 1, device)
         self._all_at = num_stages - 1  # the last stage that decoded every token
-        self._exit_stage: Optional[Tensor] = None  # (B, N + 1) long, once a head decoded only some tokens
+        self._exit_stage: Optional[Tensor] = None  # (B, N + 1) long, once tokens left
         self.exited = False  # whether any token has left yet
 
     def write(self, stage: int, values: Tensor, logits: Tensor, presence: Optional[Tensor], pos: Optional[Tensor],
@@ -91,21 +91,22 @@ class Canvas:
         return s if s is None or s.shape[-1] == self.N else s[..., : self.N]
 
     def _write_wide(self, values: Tensor, pos: Tensor) -> Tensor:
-        """The score canvas with ``values`` (B, K, L) written at ``pos`` (B, L), out of place (earlier stage
-        snapshots keep their values), (B, K, N + 1): three tensor ops, no host sync."""
-        wide = self._scores if self._scores.shape[-1] > self.N else F.pad(self._scores, (0, 1))
+        """The (B, K, N + 1) score canvas with ``values`` (B, K, L) written at ``pos`` (B, L), out of place
+        (earlier stage snapshots keep their values): three tensor ops, no host sync."""
         B, K, L = values.shape
-        return wide.scatter(2, pos[:, None, :].expand(B, K, L), values.to(wide.dtype))
+        return self._scores.scatter(2, pos[:, None, :].expand(B, K, L), values.to(self._scores.dtype))
 
     def _mark_decoded(self, stage: int, pos: Tensor) -> None:
-        if self._exit_stage is None:
-            B, width, device = self._shape
-            self._exit_stage = torch.full((B, width), self._all_at, dtype=torch.long, device=device)
         self._exit_stage.scatter_(1, pos, stage)  # padding positions (N) land in the sink column
 
     def tokens_left(self) -> None:
-        """Some tokens have left: from now on each head writes only the tokens still in play."""
-        self.exited = True
+        """Some tokens have left: from now on each head writes only the tokens still in play, through
+        positions whose padding (N) lands in a sink column of the canvas and of the exit map."""
+        if not self.exited:
+            B, width, device = self._shape
+            self._scores = F.pad(self._scores, (0, 1))
+            self._exit_stage = torch.full((B, width), self._all_at, dtype=torch.long, device=device)
+            self.exited = True
 
     def exit_map(self) -> Tensor:
         """(B, h, w) long: the stage that finalised each token (the last stage whose head decoded it)."""

@@ -292,13 +292,13 @@ class PackedTokens:
         return cls(grid.reshape(B * W, C).index_select(0, src), flat, new_pos, lengths, P, N, counts)
 
     @classmethod
-    def from_padded(cls, t: PaddedTokens, keep: Optional[Tensor] = None) -> "PackedTokens":
+    def from_padded(cls, t: PaddedTokens, exits: Optional[Tensor] = None) -> "PackedTokens":
         """Pack a padded batch: the rows of ``t.x`` (B, P + L, C) that are prefix tokens or valid and, when
-        ``keep`` (B, L) bool is given, kept (the first exit packs only the tokens that stay)."""
-        if keep is None:
+        ``exits`` (B, L) bool is given, not leaving (the first exit packs only the tokens that stay)."""
+        if exits is None:
             keep = t.valid if t.valid is not None else t.x.new_ones(t.x.shape[0], t.x.shape[1] - t.P, dtype=torch.bool)
-        elif t.valid is not None:
-            keep = keep & t.valid
+        else:
+            keep = ~exits if t.valid is None else and_not(t.valid, exits)
         return cls.from_grid(t.x, keep, t._pos, t.P, t.N)
 
     def run(self, blk: nn.Module) -> None:
@@ -322,6 +322,10 @@ class PackedTokens:
         """The tokens where ``keep`` (B, W - P) (the columns of the last :meth:`decode`) and the prefix rows."""
         return PackedTokens.from_grid(self._grid, keep & self._valid, self.pos, self.P, self.N)
 
+    def drop(self, exits: Tensor) -> "PackedTokens":
+        """The tokens of the last :meth:`decode` that stay, ``exits`` (B, W - P) being the ones that leave."""
+        return PackedTokens.from_grid(self._grid, and_not(self._valid, exits), self.pos, self.P, self.N)
+
 
 def known_counts(tokens: TokenLayout) -> Union[list[int], Tensor]:
     """``tokens.host_counts()`` when the layout knows its counts on the host, else the (B,) ``tokens.counts()``."""
@@ -334,10 +338,7 @@ def drop_exits(tokens: TokenLayout, exits: Tensor, layout: str, bucket: bool = F
     layout ``layout``. The first exit packs the kept tokens of the padded batch (one host sync); the other
     layouts prune the padded batch and then convert it."""
     if layout == "packed":
-        if isinstance(tokens, PackedTokens):
-            return PackedTokens.from_grid(tokens._grid, and_not(tokens._valid, exits), tokens.pos, tokens.P, tokens.N)
-        keep = ~exits if tokens.valid is None else and_not(tokens.valid, exits)
-        return PackedTokens.from_grid(tokens.x, keep, tokens._pos, tokens.P, tokens.N)
+        return tokens.drop(exits) if isinstance(tokens, PackedTokens) else PackedTokens.from_padded(tokens, exits)
     return to_layout(tokens.prune(~exits), layout, bucket)
 
 
